@@ -1,0 +1,1 @@
+"""data_prep: turn image-caption collections (and the synthetic world) into webdataset shards."""

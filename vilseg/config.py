@@ -1,0 +1,100 @@
+"""Layered YAML configs: ``configs/default.yaml`` <- experiment delta <- ``key=value`` command-line overrides.
+
+Every key of a delta or override must already exist in the default file (misspellings fail loudly, naming the key
+and the file); sub-dicts listed in ``FREE_FORM`` are passed on as they are (e.g. model overrides, which the model
+factory validates against its own dataclasses).
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+FREE_FORM = {"model.overrides"}
+DEFAULT_NAME = "default.yaml"
+
+
+class Config(dict):
+    """A dict with attribute access (``cfg.train.steps``); nested dicts become Configs."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            value = self[name]
+        except KeyError:
+            raise AttributeError(f"config has no key {name!r}") from None
+        return Config(value) if isinstance(value, dict) and not isinstance(value, Config) else value
+
+
+def _merge(base: dict, delta: dict, source: str, prefix: str = "") -> dict:
+    out = copy.deepcopy(base)
+    for key, value in delta.items():
+        path = f"{prefix}{key}"
+        if path in FREE_FORM:
+            out[key] = value if value is not None else {}
+            continue
+        if key not in base:
+            valid = ", ".join(sorted(map(str, base)))
+            raise KeyError(f"unknown config key {path!r} in {source}; valid keys here: {valid}")
+        if isinstance(base[key], dict):
+            if not isinstance(value, dict):
+                raise TypeError(f"config key {path!r} in {source} must be a mapping, got {value!r}")
+            out[key] = _merge(base[key], value, source, f"{path}.")
+        else:
+            out[key] = value
+    return out
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise TypeError(f"config file {str(path)!r} must hold a mapping at top level")
+    return data
+
+
+def parse_override(text: str) -> dict:
+    """``"train.steps=10"`` -> ``{"train": {"steps": 10}}`` (values parsed as YAML)."""
+    if "=" not in text:
+        raise ValueError(f"override {text!r} is not of the form key=value")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else None
+    for part in reversed(key.strip().split(".")):
+        value = {part: value}
+    return value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), default: str | Path | None = None) -> Config:
+    """Resolves the layered config.
+
+    Args:
+        path: experiment file (its directory must hold ``default.yaml`` unless ``default`` is given); None for
+            the default alone.
+        overrides: ``key=value`` strings, applied last.
+        default: explicit default file.
+    """
+    if default is None:
+        default = (Path(path).parent if path else Path(__file__).resolve().parents[1] / "configs") / DEFAULT_NAME
+    cfg = _read_yaml(Path(default))
+    if path is not None and Path(path).resolve() != Path(default).resolve():
+        cfg = _merge(cfg, _read_yaml(Path(path)), str(path))
+    for text in overrides:
+        cfg = _merge(cfg, parse_override(text), f"command-line override {text!r}")
+    return Config(cfg)
+
+
+def save_config(cfg: dict, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(dict(cfg), sort_keys=False))
+
+
+def flatten(cfg: dict, prefix: str = "") -> dict[str, Any]:
+    """Flat ``a.b`` -> scalar view (for TensorBoard hparams)."""
+    out = {}
+    for key, value in cfg.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return out

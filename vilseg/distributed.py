@@ -1,0 +1,40 @@
+"""Guarded collectives: the same code runs in one process and under torch.distributed."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenates ``x`` from every process along dim 0, keeping the autograd graph.
+
+    ``torch.distributed.nn.functional.all_gather`` sums the incoming gradients in backward, so each process's
+    local embeddings receive the gradient of every process's loss (``accelerator.gather`` would drop it).
+    """
+    if not is_dist() or world_size() == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x), dim=0)
+
+
+@torch.no_grad()
+def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenates ``x`` from every process along dim 0 (no gradient; e.g. EMA-teacher keys)."""
+    if not is_dist() or world_size() == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out, dim=0)

@@ -1,0 +1,82 @@
+"""IIC mutual-information clustering loss (Ji et al. 2019) on patch assignments of two aligned views."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchvision.ops import roi_align
+
+
+class IICLoss(nn.Module):
+    """Negative mutual information between the cluster assignments of aligned patch pairs.
+
+    With Phi(z_i), Phi(z'_i) in the C-simplex for n aligned pairs:
+
+        P = 1/n sum_i Phi(z_i) Phi(z'_i)^T ;  P <- (P + P^T)/2 ;  P <- P / sum(P) ;  P clamped at eps
+        L_clu = - sum_{c,c'} P_cc' ( log P_cc' - lambda log P_c - lambda log P_c' )
+
+    lambda > 1 pushes harder towards using every cluster (IIC's entropy weight). Always computed in fp32:
+    the logs of small joint probabilities underflow in half precision.
+
+    Args:
+        lam: lambda (1 is exact mutual information).
+        eps: clamp for P (IIC uses sys.float_info.epsilon; 1e-8 is safe in fp32).
+    """
+
+    def __init__(self, lam: float = 1.0, eps: float = 1e-8):
+        super().__init__()
+        self.lam = lam
+        self.eps = eps
+
+    def forward(self, p1: torch.Tensor, p2: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Args: [n, C] probabilities of aligned pairs. Returns ``{"clu": loss}``."""
+        with torch.autocast(device_type=p1.device.type, enabled=False):
+            p1, p2 = p1.float(), p2.float()
+            joint = p1.t() @ p2 / p1.shape[0]  # [C, C]
+            joint = (joint + joint.t()) / 2
+            joint = (joint / joint.sum()).clamp_min(self.eps)
+            pi = joint.sum(1, keepdim=True)  # [C, 1]
+            pj = joint.sum(0, keepdim=True)  # [1, C]
+            mi = (joint * (joint.log() - self.lam * pi.log() - self.lam * pj.log())).sum()
+        return {"clu": -mi}
+
+
+def overlap_boxes(box_a: torch.Tensor, box_b: torch.Tensor, min_size: float = 1e-3):
+    """Intersection of two crops, expressed in each crop's own normalised coordinates.
+
+    Args:
+        box_a, box_b: [B, 4] crop boxes (x0, y0, x1, y1) in the source image's [0, 1] coordinates.
+        min_size: overlaps thinner than this (in source coordinates) count as empty.
+
+    Returns:
+        (local_a, local_b, valid): [B, 4] boxes in [0, 1] of view a / view b, and [B] bool.
+    """
+    inter = torch.cat([torch.maximum(box_a[:, :2], box_b[:, :2]), torch.minimum(box_a[:, 2:], box_b[:, 2:])], 1)
+    valid = ((inter[:, 2] - inter[:, 0]) > min_size) & ((inter[:, 3] - inter[:, 1]) > min_size)
+
+    def to_local(box):
+        size = (box[:, 2:] - box[:, :2]).repeat(1, 2)
+        return ((inter - box[:, :2].repeat(1, 2)) / size).clamp(0, 1)
+
+    return to_local(box_a), to_local(box_b), valid
+
+
+def align_to_box(maps: torch.Tensor, local_box: torch.Tensor, flipped: torch.Tensor, size: int) -> torch.Tensor:
+    """RoIAligns each view's map onto its overlap box and undoes the view's horizontal flip.
+
+    Args:
+        maps: [B, C, h, w] per-view maps (e.g. cluster probabilities).
+        local_box: [B, 4] overlap box in this view's unflipped [0, 1] coordinates.
+        flipped: [B] bool, whether this view was flipped horizontally after cropping.
+        size: output grid side S.
+
+    Returns:
+        [B, C, S, S] maps over the shared box, in the source image's orientation.
+    """
+    b, _, h, w = maps.shape
+    box = local_box.clone()
+    # In a flipped view, source-x u sits at 1 - u: mirror the box, sample, then mirror the samples back.
+    box[flipped, 0], box[flipped, 2] = 1 - local_box[flipped, 2], 1 - local_box[flipped, 0]
+    scale = torch.tensor([w, h, w, h], dtype=maps.dtype, device=maps.device)
+    rois = torch.cat([torch.arange(b, dtype=maps.dtype, device=maps.device)[:, None], box.to(maps.dtype) * scale], 1)
+    out = roi_align(maps, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=2, aligned=True)
+    return torch.where(flipped.view(b, 1, 1, 1), out.flip(-1), out)

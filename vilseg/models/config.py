@@ -1,0 +1,79 @@
+"""Config dataclasses for every tower. YAML/JSON sub-dicts map 1:1 onto them; only the factory reads them."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class ImageEncoderConfig:
+    timm_name: str = "vit_tiny_patch16_224"  # any timm VisionTransformer architecture
+    img_size: int = 224  # training resolution; other sizes work (dynamic_img_size), pos-embeds are resampled
+    patch_size: int = 16
+    pretrained: bool = False  # timm pretrained weights (downloads; never used by tests or the demo)
+    checkpoint_path: str | None = None  # local timm/safetensors checkpoint of the ViT
+    pool: str = "avg"  # "avg": mean of patch tokens (makes the global embedding a mean of patch embeddings); "token"
+    mask_token: bool = False  # learnable token replacing masked patches (masked-image-modelling objectives)
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)  # input normalisation, stored so inference preprocesses identically
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)  # depth, embed_dim, num_heads, ... passed to timm
+
+
+@dataclass
+class TextEncoderConfig:
+    backend: str = "hf"  # "hf" (transformers AutoModel, mean pooling) or "open_clip" (open_clip text tower)
+    name: str = "sentence-transformers/all-MiniLM-L6-v2"  # hf: local dir or hub id; open_clip: model config name
+    pretrained: str | None = None  # open_clip: pretrained tag or local checkpoint file; hf: unused (name is loaded)
+    random_init: bool = False  # hf: build from config only (no weights); open_clip: implied by pretrained=None
+    context_length: int = 32  # tokens per caption (open_clip towers get their positional table resized to this)
+    freeze: bool = False  # keep the text tower fixed (its embedding space then anchors open-world naming)
+    text_cfg: dict[str, Any] = field(default_factory=dict)  # open_clip: overrides of the model's text_cfg
+
+
+@dataclass
+class ModelConfig:
+    image: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    embed_dim: int = 256  # joint image-text space
+    vision_dim: int = 128  # output of the vision-contrast head (student and EMA teacher)
+    vision_hidden: int = 512
+    n_clusters: int = 32  # C, clusters of the online clustering head
+    cluster_hidden: int = 256
+    init_logit_scale: float = 2.6593  # ln(1/0.07), CLIP's initial temperature
+
+
+def _build(cls, data: dict[str, Any], where: str):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise KeyError(f"unknown key(s) {unknown} in {where}; valid keys: {sorted(names)}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        value = data[f.name]
+        if f.name == "image":
+            value = _build(ImageEncoderConfig, value, f"{where}.image")
+        elif f.name == "text":
+            value = _build(TextEncoderConfig, value, f"{where}.text")
+        elif f.name in ("mean", "std"):
+            value = tuple(float(v) for v in value)
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def model_config_from_dict(data: dict[str, Any], where: str = "model config") -> ModelConfig:
+    """Builds a ModelConfig from a nested dict, rejecting misspelt keys with their dotted location."""
+    return _build(ModelConfig, data, where)
+
+
+def deep_update(base: dict[str, Any], delta: dict[str, Any]) -> dict[str, Any]:
+    """Returns base updated recursively by delta (dicts merge, everything else replaces)."""
+    out = dict(base)
+    for key, value in delta.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_update(out[key], value)
+        else:
+            out[key] = value
+    return out

@@ -1,0 +1,51 @@
+"""Overlay PNGs with a legend."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+# 20 well-separated colours (tab20-like); background is drawn transparent.
+PALETTE = np.array([[0, 0, 0], [31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189],
+                    [140, 86, 75], [227, 119, 194], [127, 127, 127], [188, 189, 34], [23, 190, 207],
+                    [174, 199, 232], [255, 187, 120], [152, 223, 138], [255, 152, 150], [197, 176, 213],
+                    [196, 156, 148], [247, 182, 210], [199, 199, 199], [219, 219, 141], [158, 218, 229]],
+                   dtype=np.uint8)
+
+
+def colourise(labels: np.ndarray) -> np.ndarray:
+    """[H, W] labels -> [H, W, 3] uint8 colours (labels wrap around the palette)."""
+    return PALETTE[1:][(labels - 1) % (len(PALETTE) - 1)] * (labels > 0)[..., None]
+
+
+def render_overlay(image: Image.Image, labels: np.ndarray, names: list[str], path, min_side: int = 256,
+                   truth: np.ndarray | None = None) -> Path:
+    """Writes image | prediction overlay (| ground truth) plus a legend of the labels present."""
+    scale = max(1, int(np.ceil(min_side / min(image.size))))
+    size = (image.size[0] * scale, image.size[1] * scale)
+    base = np.asarray(image.resize(size, Image.NEAREST), dtype=np.float32)
+
+    def blend(lab):
+        lab = np.asarray(Image.fromarray(lab.astype(np.int32)).resize(size, Image.NEAREST))
+        out = np.where((lab > 0)[..., None], 0.45 * base + 0.55 * colourise(lab), base)
+        return out.astype(np.uint8), lab
+
+    panels, present = [base.astype(np.uint8)], set()
+    for lab in [labels] + ([truth] if truth is not None else []):
+        panel, big = blend(lab)
+        panels.append(panel)
+        present.update(int(v) for v in np.unique(big) if v > 0)
+    canvas = Image.fromarray(np.concatenate(panels, 1))
+    legend_h = 16 * max(1, len(present)) + 8
+    out = Image.new("RGB", (canvas.width, canvas.height + legend_h), (255, 255, 255))
+    out.paste(canvas, (0, 0))
+    draw = ImageDraw.Draw(out)
+    for row, label in enumerate(sorted(present)):
+        y = canvas.height + 4 + 16 * row
+        draw.rectangle([4, y, 16, y + 12], fill=tuple(int(c) for c in colourise(np.array([label]))[0]))
+        draw.text((22, y), names[label] if label < len(names) else str(label), fill=(0, 0, 0))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out.save(path)
+    return path
