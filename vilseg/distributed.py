@@ -25,9 +25,13 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """
     if not is_dist() or world_size() == 1:
         return x
+    import warnings
+
     from torch.distributed.nn.functional import all_gather
 
-    return torch.cat(all_gather(x), dim=0)
+    with warnings.catch_warnings():  # deprecated in favour of a private API; still the public autograd gather
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.cat(all_gather(x), dim=0)
 
 
 @torch.no_grad()

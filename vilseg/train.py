@@ -29,7 +29,7 @@ from vilseg.objectives import EMATeacher, ViLSegObjective, ema_momentum
 
 
 class TrainState:
-    """Step counter and skipped-sample tally, checkpointed with accelerate's ``register_for_checkpointing``."""
+    """Step counter and skipped-sample tally (saved as JSON beside accelerate's state; nothing is pickled)."""
 
     def __init__(self):
         self.step = 0
@@ -132,11 +132,42 @@ def training_step(model, teacher, objective, batch, n_global: int) -> dict:
     return objective(out, teacher_embed, batch["boxes"], batch["flips"])
 
 
-def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int) -> None:
-    accelerator.save_state(str(run_dir / "checkpoints" / f"step_{step:07d}"))
+TRAINER_STATE = "trainer_state.json"
+TEACHER_WEIGHTS = "teacher.safetensors"
+
+
+def save_checkpoint(accelerator, run_dir: Path, state: TrainState, scheduler, teacher, keep: int) -> None:
+    """accelerate ``save_state`` (model, optimizer, RNG) + the teacher as safetensors + step/scheduler as JSON.
+
+    accelerate's ``register_for_checkpointing`` would pickle the extra objects and unpickle them with
+    ``weights_only=False``; safetensors and JSON keep them free of code.
+    """
+    from safetensors.torch import save_file
+
+    ckpt = run_dir / "checkpoints" / f"step_{state.step:07d}"
+    accelerator.save_state(str(ckpt))
     if accelerator.is_main_process:
+        if teacher is not None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in teacher.state_dict().items()},
+                      str(ckpt / TEACHER_WEIGHTS))
+        payload = {**state.state_dict(), "scheduler": scheduler.state_dict()}
+        (ckpt / TRAINER_STATE).write_text(json.dumps(payload))
         for old in sorted((run_dir / "checkpoints").glob("step_*"))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def load_checkpoint(accelerator, ckpt: Path, state: TrainState, scheduler, teacher) -> None:
+    from safetensors.torch import load_file
+
+    if not (ckpt / TRAINER_STATE).is_file():
+        raise FileNotFoundError(f"{ckpt / TRAINER_STATE} not found: not a vilseg training checkpoint")
+    accelerator.load_state(str(ckpt))
+    payload = json.loads((ckpt / TRAINER_STATE).read_text())
+    scheduler.load_state_dict(payload.pop("scheduler"))
+    state.load_state_dict(payload)
+    if teacher is not None:
+        teacher.load_state_dict(load_file(str(ckpt / TEACHER_WEIGHTS), device=str(accelerator.device)))
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -148,8 +179,13 @@ def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     run_dir = Path(cfg.run.dir)
+    # Without an accelerator, ask for CPU explicitly: under a multi-process launch accelerate then forms a gloo
+    # group (MULTI_CPU) instead of leaving every process on its own.
+    no_accelerator = not (torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+                          or torch.backends.mps.is_available())
     accelerator = Accelerator(
-        gradient_accumulation_steps=cfg.train.grad_accum, mixed_precision=cfg.train.mixed_precision,
+        cpu=no_accelerator, gradient_accumulation_steps=cfg.train.grad_accum,
+        mixed_precision=cfg.train.mixed_precision,
         log_with="tensorboard", project_config=ProjectConfiguration(project_dir=str(run_dir),
                                                                     logging_dir=str(run_dir / "logs")))
     set_seed(cfg.run.seed)
@@ -164,15 +200,13 @@ def main(argv: list[str] | None = None) -> Path:
     loader = build_loader(cfg, model)
     model, optimizer = accelerator.prepare(model, optimizer)
     state = TrainState()
-    accelerator.register_for_checkpointing(scheduler, state)
     if teacher is not None:
         teacher.to(accelerator.device)
-        accelerator.register_for_checkpointing(teacher)
     if args.resume:
         ckpt = latest_checkpoint(run_dir) if args.resume == "latest" else Path(args.resume)
         if ckpt is None or not ckpt.is_dir():
             raise FileNotFoundError(f"--resume: no checkpoint found ({args.resume!r} under {run_dir / 'checkpoints'})")
-        accelerator.load_state(str(ckpt))
+        load_checkpoint(accelerator, ckpt, state, scheduler, teacher)
         accelerator.print(f"resumed from {ckpt} at step {state.step}")
     accelerator.init_trackers("vilseg", config=flatten(cfg))
     unwrapped = accelerator.unwrap_model(model)
@@ -207,13 +241,16 @@ def main(argv: list[str] | None = None) -> Path:
             accelerator.log(logs, step=state.step)
             progress.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in logs.items() if k.startswith("loss")})
         if state.step % cfg.train.checkpoint_every == 0 and state.step < cfg.train.steps:
-            save_checkpoint(accelerator, run_dir, state.step, cfg.train.keep_checkpoints)
+            save_checkpoint(accelerator, run_dir, state, scheduler, teacher, cfg.train.keep_checkpoints)
+        if cfg.train.stop_at is not None and state.step >= cfg.train.stop_at:
+            accelerator.print(f"train.stop_at={cfg.train.stop_at}: stopping; continue with --resume")
+            break
         if cfg.train.max_minutes and time.time() - start > 60 * cfg.train.max_minutes:
             accelerator.print(f"train.max_minutes={cfg.train.max_minutes} reached at step {state.step}: stopping")
             break
     progress.close()
     elapsed = time.time() - start
-    save_checkpoint(accelerator, run_dir, state.step, cfg.train.keep_checkpoints)
+    save_checkpoint(accelerator, run_dir, state, scheduler, teacher, cfg.train.keep_checkpoints)
     skipped = Counter()
     for counts in gather_object([dict(state.skipped)]):
         skipped.update(counts)
@@ -222,7 +259,8 @@ def main(argv: list[str] | None = None) -> Path:
         unwrapped.save_pretrained(final_dir)
         summary = {"steps": state.step, "steps_this_session": state.step - start_step, "seconds": round(elapsed, 1),
                    "images_per_second_per_process": round(images_seen / max(elapsed, 1e-9), 2),
-                   "processes": accelerator.num_processes, "skipped_samples": dict(skipped),
+                   "processes": accelerator.num_processes, "distributed_type": str(accelerator.distributed_type),
+                   "skipped_samples": dict(skipped),
                    "final_model": str(final_dir)}
         (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
         accelerator.print(json.dumps(summary))

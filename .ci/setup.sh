@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Creates .venv (if needed) and installs vilseg with its test and demo extras. Idempotent: a stamp of
+# pyproject.toml skips the pip step when nothing changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+stamp=.venv/.vilseg-installed
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! .venv/bin/python -c "import vilseg" 2>/dev/null; then
+  .venv/bin/python -m pip install --quiet --upgrade pip
+  # torch comes with its matching torchvision (never torch 2.13: that resolves to a CPU-only build)
+  .venv/bin/python -m pip install --quiet -e ".[test,demo,data]"
+  echo "$want" > "$stamp"
+fi
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1  # nothing is downloaded at run time
