@@ -1,0 +1,86 @@
+"""data_prep command line.
+
+    python -m data_prep build --kind folder --input photos/ --out shards/
+    python -m data_prep build --kind table --input captions.parquet --root images/ --path-column file \\
+        --caption-column text --out shards/ --max-side 512 --format webp --workers 8
+    python -m data_prep build --kind coco --input annotations/captions_train2017.json --root train2017/ --out shards/
+    python -m data_prep build --kind wds --input 'img2dataset_out/{00000..00099}.tar' --out clean/
+    python -m data_prep check 'shards/shard-{000000..000009}.tar'
+    python -m data_prep synthetic --out data/synthetic          # the synthetic world (see data_prep/synthetic.py)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _build(args) -> dict:
+    from .build import build
+    from .process import Options
+    from .sources import open_source
+
+    opts = Options(max_side=args.max_side, format=args.format, quality=args.quality, max_bytes=args.max_bytes,
+                   min_side=args.min_side, max_aspect=args.max_aspect, min_caption_chars=args.min_caption_chars,
+                   max_caption_chars=args.max_caption_chars)
+    items = open_source(args.kind, args.input, args.root, args.path_column, args.caption_column, args.key_column)
+    manifest = build(items, args.out, opts, shard_count=args.shard_count, shard_bytes=args.shard_bytes,
+                     workers=args.workers, prefix=args.prefix, shuffle_seed=args.shuffle_seed,
+                     dedup=not args.no_dedup)
+    summary = {k: manifest[k] for k in ("samples", "inputs", "skipped")}
+    summary["shards"] = len(manifest["shards"])
+    summary["pattern"] = manifest.get("pattern")
+    print(json.dumps(summary, indent=1))
+    return manifest
+
+
+def main(argv: list[str] | None = None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "synthetic":
+        from .synthetic import main as synthetic_main
+
+        return synthetic_main(argv[1:])
+    parser = argparse.ArgumentParser(prog="python -m data_prep", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="turn an image-caption collection into webdataset shards")
+    b.add_argument("--kind", required=True, choices=("folder", "table", "coco", "wds"))
+    b.add_argument("--input", required=True, nargs="+", help="folder(s), table file(s), COCO json(s) or shards")
+    b.add_argument("--root", default=None, help="root of relative image paths (table, coco)")
+    b.add_argument("--out", required=True)
+    b.add_argument("--path-column", default="path")
+    b.add_argument("--caption-column", default="caption")
+    b.add_argument("--key-column", default=None)
+    b.add_argument("--shard-count", type=int, default=1000, help="samples per shard (0: no count limit)")
+    b.add_argument("--shard-bytes", type=int, default=None, help="bytes per shard")
+    b.add_argument("--prefix", default="shard")
+    b.add_argument("--workers", type=int, default=1)
+    b.add_argument("--max-side", type=int, default=None)
+    b.add_argument("--format", choices=("jpg", "webp", "keep"), default="jpg")
+    b.add_argument("--quality", type=int, default=90)
+    b.add_argument("--max-bytes", type=int, default=None, help="per-image size budget")
+    b.add_argument("--min-side", type=int, default=32)
+    b.add_argument("--max-aspect", type=float, default=5.0)
+    b.add_argument("--min-caption-chars", type=int, default=1)
+    b.add_argument("--max-caption-chars", type=int, default=1000)
+    b.add_argument("--shuffle-seed", type=int, default=None, help="shuffle the input order with this seed")
+    b.add_argument("--no-dedup", action="store_true", help="keep exact duplicates")
+    c = sub.add_parser("check", help="open every sample of a shard set and report")
+    c.add_argument("shards", nargs="+")
+    args = parser.parse_args(argv)
+    if args.command == "build":
+        args.shard_count = args.shard_count or None
+        return _build(args)
+    import braceexpand
+
+    from .check import check_shards
+
+    report = check_shards([s for pattern in args.shards for s in braceexpand.braceexpand(pattern)])
+    print(json.dumps(report, indent=1))
+    if report["problems"]:
+        sys.exit(1)
+    return report
+
+
+if __name__ == "__main__":
+    main()
