@@ -133,3 +133,25 @@ def test_synthetic_shards_are_readable_with_plain_webdataset(tmp_path):
     assert len(samples) == 12 and samples[0]["txt"] and samples[0]["png"].size == (64, 64)
     assert json.loads((tmp_path / "eval" / "meta.json").read_text())["classes"][0] == "background"
     assert len(list((tmp_path / "eval" / "masks").glob("*.png"))) == 3
+
+
+def test_swap_word_stays_in_group_and_avoids_excluded_phrases():
+    from vilseg.data.stream import swap_word
+
+    groups = [["circle", "square"], ["red", "blue"]]
+    rng = np.random.default_rng(0)
+    outs = {swap_word("a red circle.", groups, rng) for _ in range(40)}
+    assert outs == {"a blue circle.", "a red square."}
+    outs = {swap_word("a red square.", groups, rng, exclude=["red circle"]) for _ in range(40)}
+    assert outs == {"a blue square."}
+    assert swap_word("a green cross", groups, rng) is None
+
+
+def test_stream_carries_hard_negative_captions(tiny_shards):
+    crop = MultiCrop(16, 8, n_global=1, n_local=0)
+    stream = make_train_stream(str(tiny_shards / "shard-0.tar"), _tokenizer, crop, batch_size=3, resampled=False,
+                               swap_groups=[["red", "blue"]])
+    batch = next(iter(stream))
+    assert batch["neg_input_ids"].shape == batch["input_ids"].shape and batch["has_neg"].all()
+    # "a red circle number i" -> "a blue circle number i": one character longer, which _tokenizer records
+    assert (batch["neg_input_ids"][:, 0] == batch["input_ids"][:, 0] + 1).all()

@@ -45,14 +45,19 @@ class ViLSegObjective(nn.Module):
         return 2 if "clu" in self.weights else 0
 
     def forward(self, out: dict, teacher_embed: list[torch.Tensor] | None, boxes: torch.Tensor,
-                flips: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Args: model outputs, teacher vision embeddings of the global views, [B, V, 4] crop boxes, [B, V] flips.
+                flips: torch.Tensor, has_neg: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Args: model outputs, teacher vision embeddings of the global views, [B, V, 4] crop boxes, [B, V] flips,
+        and, when the batch carries hard-negative captions (their embeddings follow the B positives in
+        ``out["text_embed"]``), their [B] validity.
 
         Returns: dict with every computed term, ``loss`` (weighted sum) and ``logit_scale`` (for logging).
         """
         terms: dict[str, torch.Tensor] = {}
         if "xm" in self.weights:
-            terms.update(self.xm(out["image_embed"], out["text_embed"], out["logit_scale"]))
+            b = out["image_embed"].shape[0]
+            text = out["text_embed"]
+            negatives = (text[b:], has_neg) if has_neg is not None else (None, None)
+            terms.update(self.xm(out["image_embed"], text[:b], out["logit_scale"], *negatives))
         if "vis" in self.weights:
             terms.update(self.vis(out["vision_embed"], teacher_embed))
         if "clu" in self.weights:

@@ -109,19 +109,23 @@ class Segmenter:
         readout: ``"cluster"`` (ViL-Seg) or ``"dense"`` (patch by patch).
         bg_threshold: cosine similarity a segment must reach to be labelled; below it, background.
         split_components: split every cluster into 4-connected segments (segments per image are not capped).
+        center_queries: subtract the mean of the vocabulary's name embeddings before normalising (needs >= 2 names).
+            Captions share a large common component (template, wording), and regions no caption describes
+            (background) drift towards it; centring removes it so that they score near 0 for every name.
         input_size: short side the image is resized to (rounded to the patch size); default the model's size.
         device: torch device; default CUDA if available.
     """
 
     def __init__(self, model, queries=None, templates=DEFAULT_TEMPLATES, readout: str = "cluster",
                  bg_threshold: float = 0.3, split_components: bool = True, input_size: int | None = None,
-                 device: str | torch.device | None = None):
+                 device: str | torch.device | None = None, center_queries: bool = True):
         if readout not in ("cluster", "dense"):
             raise ValueError(f"readout must be 'cluster' or 'dense', got {readout!r}")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.to(self.device).eval()
         self.templates = tuple(templates)
         self.readout, self.bg_threshold, self.split_components = readout, bg_threshold, split_components
+        self.center_queries = center_queries
         self.input_size = input_size or model.config.image.img_size
         self.patch = model.image_encoder.patch_size
         self.names: list[str] = []
@@ -151,7 +155,10 @@ class Segmenter:
                 emb = self.model.encode_texts([t.format(name) for t in self.templates])  # [T, E]
                 vectors.append(F.normalize(emb.mean(0), dim=-1))
                 owner.append(i)
-        self.index = TextIndex(torch.stack(vectors), torch.tensor(owner), len(self.names))
+        vectors = torch.stack(vectors)
+        if self.center_queries and len(self.names) > 1:
+            vectors = F.normalize(vectors - vectors.mean(0, keepdim=True), dim=-1)
+        self.index = TextIndex(vectors, torch.tensor(owner), len(self.names))
 
     def preprocess(self, image) -> tuple[torch.Tensor, tuple[int, int]]:
         """PIL image / path / HxWx3 uint8 array -> ([1, 3, h, w] normalised tensor, original (H, W))."""

@@ -105,7 +105,8 @@ def build_loader(cfg, model):
     if cfg.data.shards is None:
         raise ValueError("data.shards is not set: give a shard pattern, e.g. data.shards='data/train-{000..009}.tar'")
     stream = make_train_stream(cfg.data.shards, model.tokenizer, crop, cfg.data.batch_size, seed=cfg.run.seed,
-                               resampled=cfg.data.resampled, shuffle_buffer=cfg.data.shuffle_buffer)
+                               resampled=cfg.data.resampled, shuffle_buffer=cfg.data.shuffle_buffer,
+                               swap_groups=cfg.loss.hard_negative_groups, swap_exclude=cfg.loss.hard_negative_exclude)
     return DataLoader(stream, batch_size=None, num_workers=cfg.data.num_workers,
                       persistent_workers=cfg.data.num_workers > 0)
 
@@ -113,7 +114,7 @@ def build_loader(cfg, model):
 def to_device(batch: dict, device) -> dict:
     out = dict(batch)
     out["views"] = [v.to(device, non_blocking=True) for v in batch["views"]]
-    for key in ("boxes", "flips", "input_ids", "attention_mask"):
+    for key in ("boxes", "flips", "input_ids", "attention_mask", "neg_input_ids", "neg_attention_mask", "has_neg"):
         if key in batch:
             out[key] = batch[key].to(device, non_blocking=True)
     return out
@@ -125,11 +126,17 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def training_step(model, teacher, objective, batch, n_global: int) -> dict:
-    """One forward pass: model embeddings, teacher embeddings of the global views, and the loss terms."""
-    out = model(batch["views"], batch.get("input_ids"), batch.get("attention_mask"),
-                vision=objective.needs_teacher, n_cluster_views=objective.n_cluster_views)
+    """One forward pass: model embeddings, teacher embeddings of the global views, and the loss terms.
+
+    Hard-negative captions, when present, are encoded in the same text-tower call as the positives.
+    """
+    ids, mask = batch.get("input_ids"), batch.get("attention_mask")
+    if "neg_input_ids" in batch:
+        ids = torch.cat([ids, batch["neg_input_ids"]])
+        mask = torch.cat([mask, batch["neg_attention_mask"]])
+    out = model(batch["views"], ids, mask, vision=objective.needs_teacher, n_cluster_views=objective.n_cluster_views)
     teacher_embed = teacher(batch["views"][:n_global]) if teacher is not None else None
-    return objective(out, teacher_embed, batch["boxes"], batch["flips"])
+    return objective(out, teacher_embed, batch["boxes"], batch["flips"], batch.get("has_neg"))
 
 
 TRAINER_STATE = "trainer_state.json"
