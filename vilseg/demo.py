@@ -2,6 +2,7 @@
 
     python -m vilseg.demo                       # full ViL-Seg, ~10 CPU-minutes of training
     python -m vilseg.demo --config configs/demo_xm_only.yaml --readout dense --out runs/demo_xm_only
+    python -m vilseg.demo --summarize runs/demo runs/demo_xm_only     # Markdown table of finished runs
 
 Writes OUT/metrics.json (mIoU, per-class IoU; seen and held-out queries separately), OUT/overlays/*.png
 (image | prediction | ground truth) and OUT/train/ (config, checkpoints, TensorBoard logs, final model).
@@ -113,7 +114,31 @@ def print_summary(report: dict) -> None:
             print(f"  {name:18s} {value:5.1f} / {report['synonym']['per_class_iou'][name]:5.1f}")
 
 
+def summarize(run_dirs: list[Path]) -> str:
+    """Markdown table of several demo runs (one row per OUT/metrics.json)."""
+    rows = ["| run | config | read-out | mIoU (all, bg incl.) | seen queries | held-out queries | held-out combos "
+            "(canonical) | synonym vocabulary | background IoU | bg threshold |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for run in run_dirs:
+        m = json.loads((Path(run) / "metrics.json").read_text())
+        c, syn = m["canonical"], m.get("synonym", {})
+        fmt = lambda v: "-" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.1f}"  # noqa: E731
+        rows.append(f"| {Path(run).name} | {m.get('config', '-')} | {m['readout']} | {fmt(c['miou'])} | "
+                    f"{fmt(m['seen_queries_miou'])} | {fmt(m['heldout_queries_miou'])} | "
+                    f"{fmt(c.get('heldout_combo_miou'))} | {fmt(syn.get('miou'))} | "
+                    f"{fmt(c['per_class_iou'].get('background'))} | {m.get('bg_threshold', '-')} |")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> dict:
+    argv = list(argv) if argv is not None else None
+    import sys
+
+    args_list = argv if argv is not None else sys.argv[1:]
+    if args_list and args_list[0] == "--summarize":
+        table = summarize([Path(p) for p in args_list[1:]])
+        print(table)
+        return {"table": table}
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
