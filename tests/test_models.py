@@ -57,7 +57,9 @@ def test_dense_api_shapes_and_token_map_helper():
 
 
 def test_patch_mask_replaces_patches_and_needs_mask_token():
-    model = create_model("vilseg-tiny", image={"mask_token": True}).eval()
+    # linear patch embedding: each token sees only its own 8x8 pixels (a conv stem's receptive field crosses
+    # patch borders, so there masking hides the token but not every pixel of it from its neighbours)
+    model = create_model("vilseg-tiny", image={"mask_token": True, "conv_stem": False}).eval()
     x = torch.randn(2, 3, 32, 32)
     mask = torch.zeros(2, 4, 4, dtype=torch.bool)
     mask[:, :2] = True
@@ -135,3 +137,22 @@ def test_create_model_rejects_unknown_names_and_keys():
         create_model("vilseg-tiny", n_clustres=4)
     with pytest.raises(KeyError, match="image"):
         create_model("vilseg-tiny", image={"img_sise": 64})
+
+
+def test_conv_stem_keeps_the_token_grid_and_rejects_odd_patches():
+    model = create_model("vilseg-tiny")  # the tiny registry variant uses the conv stem
+    assert isinstance(model.image_encoder.vit.patch_embed.proj, torch.nn.Sequential)
+    assert model.image_encoder(torch.randn(1, 3, 32, 40)).grid == (4, 5)
+    with pytest.raises(ValueError, match="power-of-two"):
+        create_model("vilseg-tiny", image={"patch_size": 6, "img_size": 36})
+
+
+def test_identity_text_projection_keeps_the_text_towers_space():
+    model = create_model("vilseg-tiny-minilm", embed_dim=384, text_proj="identity").eval()
+    assert isinstance(model.text_proj, torch.nn.Identity)
+    tok = model.tokenizer(["a crimson disc"])
+    with torch.no_grad():
+        raw = torch.nn.functional.normalize(model.text_encoder(tok["input_ids"], tok["attention_mask"]), dim=-1)
+    torch.testing.assert_close(model.encode_texts(["a crimson disc"]), raw)
+    with pytest.raises(ValueError, match="embed_dim"):
+        create_model("vilseg-tiny-minilm", text_proj="identity")  # embed_dim 32 != MiniLM's 384

@@ -13,6 +13,10 @@ class ImageEncoderConfig:
     patch_size: int = 16
     pretrained: bool = False  # timm pretrained weights (downloads; never used by tests or the demo)
     checkpoint_path: str | None = None  # local timm/safetensors checkpoint of the ViT
+    conv_stem: bool = False  # replace the linear patch projection by stride-2 3x3 convs (Xiao et al. 2021): faster,
+    # better learning of local shape from scratch; patch size must be a power of 2; not with pretrained=True.
+    # Its receptive field crosses patch borders: masked-image modelling should then corrupt pixels (GMML-style),
+    # since a mask token hides a patch's token but not its pixels from the neighbouring tokens.
     pool: str = "avg"  # "avg": mean of patch tokens (makes the global embedding a mean of patch embeddings); "token"
     mask_token: bool = False  # learnable token replacing masked patches (masked-image-modelling objectives)
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)  # input normalisation, stored so inference preprocesses identically
@@ -36,6 +40,8 @@ class ModelConfig:
     image: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     embed_dim: int = 256  # joint image-text space
+    text_proj: str = "linear"  # "linear" (trained) or "identity" (locked text space, LiT-style: the joint space is the
+    # text tower's own, so words never seen in training keep the tower's geometry; needs text width == embed_dim)
     vision_dim: int = 128  # output of the vision-contrast head (student and EMA teacher)
     vision_hidden: int = 512
     n_clusters: int = 32  # C, clusters of the online clustering head

@@ -1,6 +1,7 @@
 """ViT image encoder over any timm VisionTransformer, with a first-class dense API."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import timm
@@ -93,6 +94,25 @@ class ImageEncoder(nn.Module):
         return (images01 - self.mean) / self.std
 
 
+def conv_stem(patch_size: int, dim: int) -> nn.Sequential:
+    """log2(patch) stride-2 3x3 convolutions mapping [B, 3, H, W] to [B, dim, H/patch, W/patch].
+
+    "Early convolutions help transformers see better" (Xiao et al. 2021). GroupNorm(1, C) rather than BatchNorm,
+    so that single-image inference behaves exactly as training. Widths double up to ``dim``.
+    """
+    n = int(math.log2(patch_size))
+    if 2**n != patch_size or n < 1:
+        raise ValueError(f"image.conv_stem needs a power-of-two patch size, got {patch_size}")
+    layers, channels = [], 3
+    for i in range(n):
+        width = dim // 2 ** (n - 1 - i)
+        layers.append(nn.Conv2d(channels, width, 3, stride=2, padding=1))
+        if i < n - 1:
+            layers += [nn.GroupNorm(1, width), nn.GELU()]
+        channels = width
+    return nn.Sequential(*layers)
+
+
 def build_image_encoder(cfg) -> ImageEncoder:
     """Builds an :class:`ImageEncoder` from an ``ImageEncoderConfig``."""
     kwargs = dict(cfg.timm_kwargs)
@@ -100,6 +120,10 @@ def build_image_encoder(cfg) -> ImageEncoder:
         cfg.timm_name, pretrained=cfg.pretrained, img_size=cfg.img_size, patch_size=cfg.patch_size,
         num_classes=0, global_pool="", dynamic_img_size=True, **kwargs,
     )
+    if cfg.conv_stem:
+        if cfg.pretrained or cfg.checkpoint_path:
+            raise ValueError("image.conv_stem replaces the patch projection: it cannot be combined with pretrained weights")
+        vit.patch_embed.proj = conv_stem(cfg.patch_size, vit.embed_dim)
     if cfg.checkpoint_path:
         timm.models.load_checkpoint(vit, cfg.checkpoint_path, strict=False)
     if not hasattr(vit, "_pos_embed") or not hasattr(vit, "blocks"):

@@ -33,12 +33,13 @@ class ViLSeg(nn.Module):
         n_clusters: C.
         cluster_hidden: hidden width of the clustering head.
         init_logit_scale: initial log of the cross-modal logit scale.
+        text_proj: "linear" or "identity" (locked text space).
         config: the :class:`ModelConfig` that built this model (saved with the weights).
     """
 
     def __init__(self, image_encoder: ImageEncoder, text_encoder: nn.Module, embed_dim: int, vision_dim: int,
                  vision_hidden: int, n_clusters: int, cluster_hidden: int, init_logit_scale: float,
-                 config: ModelConfig | None = None):
+                 config: ModelConfig | None = None, text_proj: str = "linear"):
         super().__init__()
         self.image_encoder = image_encoder
         self.text_encoder = text_encoder
@@ -46,7 +47,15 @@ class ViLSeg(nn.Module):
         # Linear, so that with avg pooling the global joint embedding is the mean of the patch joint embeddings:
         # the cross-modal contrast then shapes the dense embeddings the segmenter reads.
         self.image_proj = nn.Linear(width, embed_dim)
-        self.text_proj = nn.Linear(text_encoder.width, embed_dim)
+        if text_proj == "identity":
+            if text_encoder.width != embed_dim:
+                raise ValueError(f"text_proj='identity' needs embed_dim == text width ({text_encoder.width}), "
+                                 f"got embed_dim={embed_dim}")
+            self.text_proj = nn.Identity()
+        elif text_proj == "linear":
+            self.text_proj = nn.Linear(text_encoder.width, embed_dim)
+        else:
+            raise ValueError(f"text_proj must be 'linear' or 'identity', got {text_proj!r}")
         self.vision_head = mlp(width, vision_hidden, vision_dim)
         self.cluster_head = ClusterHead(width, cluster_hidden, n_clusters)
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
@@ -164,5 +173,5 @@ def build_vilseg(cfg: ModelConfig, text_asset_dir=None) -> ViLSeg:
         text_encoder=build_text_encoder(cfg.text, asset_dir=text_asset_dir),
         embed_dim=cfg.embed_dim, vision_dim=cfg.vision_dim, vision_hidden=cfg.vision_hidden,
         n_clusters=cfg.n_clusters, cluster_hidden=cfg.cluster_hidden, init_logit_scale=cfg.init_logit_scale,
-        config=cfg,
+        config=cfg, text_proj=cfg.text_proj,
     )
