@@ -1,0 +1,1 @@
+"""Data: the synthetic world, multi-crop augmentation and the webdataset training stream."""
