@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> Path:
     if args.calib:
         write_eval_split(args.out / "calib", args.calib, args.image_size, args.seed + 2, split="train")
     manifest = {"shards": shards, "train_samples": args.train, "eval_samples": args.eval,
+                "world": SyntheticWorld("train", image_size=args.image_size, seed=args.seed).describe(),
                 "pattern": str(args.out / f"train-{{000000..{len(shards) - 1:06d}}}.tar")}
     (args.out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     print(json.dumps(manifest))

@@ -28,8 +28,11 @@ from . import evaluate as ev
 def prepare_data(data_dir: Path, n_train: int, n_eval: int, image_size: int) -> str:
     from data_prep import synthetic
 
+    from .data.synthetic import SyntheticWorld
+
     manifest = data_dir / "manifest.json"
-    wanted = {"train_samples": n_train, "eval_samples": n_eval}
+    wanted = {"train_samples": n_train, "eval_samples": n_eval,
+              "world": SyntheticWorld("train", image_size=image_size).describe()}
     if manifest.is_file():
         existing = json.loads(manifest.read_text())
         if all(existing.get(k) == v for k, v in wanted.items()):

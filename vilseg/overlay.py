@@ -21,14 +21,19 @@ def colourise(labels: np.ndarray) -> np.ndarray:
 
 def render_overlay(image: Image.Image, labels: np.ndarray, names: list[str], path, min_side: int = 256,
                    truth: np.ndarray | None = None) -> Path:
-    """Writes image | prediction overlay (| ground truth) plus a legend of the labels present."""
+    """Writes image | prediction (| ground truth) plus a legend of the labels present.
+
+    Label panels show each label's colour over a greyscale copy of the image; background is left pale grey.
+    """
     scale = max(1, int(np.ceil(min_side / min(image.size))))
     size = (image.size[0] * scale, image.size[1] * scale)
     base = np.asarray(image.resize(size, Image.NEAREST), dtype=np.float32)
+    # label colours go over a greyscale copy: blended with a colourful image they would be unreadable
+    grey = np.asarray(image.convert("L").convert("RGB").resize(size, Image.NEAREST), dtype=np.float32)
 
     def blend(lab):
         lab = np.asarray(Image.fromarray(lab.astype(np.int32)).resize(size, Image.NEAREST))
-        out = np.where((lab > 0)[..., None], 0.45 * base + 0.55 * colourise(lab), base)
+        out = np.where((lab > 0)[..., None], 0.3 * grey + 0.7 * colourise(lab), 0.6 * grey + 102)
         return out.astype(np.uint8), lab
 
     panels, present = [base.astype(np.uint8)], set()

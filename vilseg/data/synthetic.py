@@ -21,6 +21,7 @@ HELD_OUT = (("red", "circle"), ("green", "square"), ("blue", "triangle"), ("yell
 SYNONYMS = {"red": "crimson", "green": "emerald", "blue": "navy", "yellow": "golden",
             "circle": "disc", "square": "box", "triangle": "pyramid", "cross": "crucifix"}
 CLASSES = tuple(f"{c} {s}" for c in COLOURS for s in SHAPES)  # label i + 1 in masks; 0 is background
+WORLD_VERSION = 2  # bump whenever rendering or captions change: cached shard sets are then rebuilt
 
 _SINGLE = ("{o}.", "a photo of {o}.", "there is {o} in the picture.", "an image showing {o}.", "{o} on a background.")
 _MULTI = ("{l}.", "a picture with {l}.", "there are {l} here.", "a scene showing {l}.", "{n} shapes: {l}.",
@@ -175,4 +176,10 @@ class SyntheticWorld:
             "synonyms": {c: synonym_name(c) for c in CLASSES},
             "image_size": self.size,
             "seed": self.seed,
+            "world": self.describe(),
         }
+
+    def describe(self) -> dict:
+        """Everything that determines the scenes (stored in manifests, so stale caches are detected)."""
+        return {"version": WORLD_VERSION, "image_size": self.size, "seed": self.seed,
+                "max_objects": self.max_objects, "radius": list(self.radius), "texture_strength": self.texture_strength}
