@@ -10,16 +10,22 @@ The two are timed alternately over several rounds and the best round of each is 
 """
 from __future__ import annotations
 
-import argparse
-import io
-import json
-import platform
-import time
+import sys
+from pathlib import Path
 
-import numpy as np
-from PIL import Image
+# Run as a script, this file's folder comes first on sys.path and its name would shadow the data_prep package.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from data_prep.process import Options, RawSample, process
+import argparse  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from data_prep.process import Options, RawSample, process  # noqa: E402
 
 
 def make_images(n: int, width: int, height: int) -> list[bytes]:

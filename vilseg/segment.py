@@ -109,6 +109,8 @@ class Segmenter:
         readout: ``"cluster"`` (ViL-Seg) or ``"dense"`` (patch by patch).
         bg_threshold: cosine similarity a segment must reach to be labelled; below it, background.
         split_components: split every cluster into 4-connected segments (segments per image are not capped).
+        context: pool each segment's embedding over the segment dilated by this many patches (labels still cover
+            only the segment): shape evidence sits partly in the patches around an object's boundary.
         center_queries: subtract the mean of the vocabulary's name embeddings before normalising (needs >= 2 names).
             Captions share a large common component (template, wording), and regions no caption describes
             (background) drift towards it; centring removes it so that they score near 0 for every name.
@@ -118,14 +120,14 @@ class Segmenter:
 
     def __init__(self, model, queries=None, templates=DEFAULT_TEMPLATES, readout: str = "cluster",
                  bg_threshold: float = 0.3, split_components: bool = True, input_size: int | None = None,
-                 device: str | torch.device | None = None, center_queries: bool = True):
+                 device: str | torch.device | None = None, center_queries: bool = True, context: int = 0):
         if readout not in ("cluster", "dense"):
             raise ValueError(f"readout must be 'cluster' or 'dense', got {readout!r}")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.to(self.device).eval()
         self.templates = tuple(templates)
         self.readout, self.bg_threshold, self.split_components = readout, bg_threshold, split_components
-        self.center_queries = center_queries
+        self.center_queries, self.context = center_queries, context
         self.input_size = input_size or model.config.image.img_size
         self.patch = model.image_encoder.patch_size
         self.names: list[str] = []
@@ -187,9 +189,24 @@ class Segmenter:
         seg = connected_components(clusters) if self.split_components else clusters
         uid = (seg + torch.arange(b, device=seg.device).view(b, 1, 1) * (h * w + dense["cluster_probs"].shape[1]))
         uniq, inverse = torch.unique(uid.flatten(), return_inverse=True)
-        pooled = torch.zeros(len(uniq), e, device=emb.device).index_add_(0, inverse, flat)  # masked average pooling
+        if self.context > 0:
+            pooled = self._context_pool(inverse.view(b, h, w), len(uniq), emb)
+        else:
+            pooled = torch.zeros(len(uniq), e, device=emb.device).index_add_(0, inverse, flat)  # masked avg pooling
         seg_scores = self.index.scores(F.normalize(pooled, dim=-1))  # [S, Q]
         return seg_scores[inverse].view(b, h, w, -1).permute(0, 3, 1, 2), inverse.view(b, h, w)
+
+    def _context_pool(self, ids: torch.Tensor, n: int, emb: torch.Tensor) -> torch.Tensor:
+        """[B, h, w] segment ids (0..n-1, unique across the batch), [B, E, h, w] -> [n, E] sums over dilated masks."""
+        b = ids.shape[0]
+        k = 2 * self.context + 1
+        pooled = torch.zeros(n, emb.shape[1], device=emb.device)
+        for i in range(b):  # per image: its segments only
+            segs = torch.unique(ids[i])
+            masks = (ids[i][None] == segs[:, None, None]).float()  # [S, h, w]
+            grown = F.max_pool2d(masks[:, None], k, stride=1, padding=self.context)[:, 0]
+            pooled[segs] = torch.einsum("shw,ehw->se", grown, emb[i])
+        return pooled
 
     @torch.no_grad()
     def logits(self, images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
