@@ -72,7 +72,7 @@ def test_known_scene_labels_background_and_shapes(readout, context):
     # context pooling mixes neighbouring colours into each segment's embedding by design, diluting its score
     assert acc.iou()[[0, 1, 3]].min() > (0.6 if context else 0.9)
     # centred queries: a pure red patch scores cos((1,0,0,0), (2,-1,-1,0)/sqrt(6)) = 0.816; absent green < 0
-    assert res.scores["red thing"] > 0.8 and res.scores["green thing"] < 0.01
+    assert res.scores["red thing"] > (0.5 if context else 0.8) and res.scores["green thing"] < 0.01
     if readout == "cluster":
         # the two red squares share a cluster but are separate connected segments
         assert res.cluster_map[0, 0] != res.cluster_map[31, 47]
