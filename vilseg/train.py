@@ -177,24 +177,49 @@ def load_checkpoint(accelerator, ckpt: Path, state: TrainState, scheduler, teach
         teacher.load_state_dict(load_file(str(ckpt / TEACHER_WEIGHTS), device=str(accelerator.device)))
 
 
+def make_accelerator(cfg, run_dir: Path):
+    """The one place where precision and distribution are decided (with accelerate's launcher and config)."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    # Without an accelerator, ask for CPU explicitly: under a multi-process launch accelerate then forms a gloo
+    # group (MULTI_CPU) instead of leaving every process on its own.
+    no_accelerator = not (torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+                          or torch.backends.mps.is_available())
+    return Accelerator(
+        cpu=no_accelerator, gradient_accumulation_steps=cfg.train.grad_accum,
+        mixed_precision=cfg.train.mixed_precision, log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")))
+
+
+def export(accelerator, model, run_dir: Path, state: TrainState, summary: dict) -> Path:
+    """Writes the final model (safetensors + config) and train_summary.json; returns the model directory."""
+    from accelerate.utils import gather_object
+
+    skipped = Counter()
+    for counts in gather_object([dict(state.skipped)]):  # every process's tally
+        skipped.update(counts)
+    final_dir = run_dir / "final"
+    if accelerator.is_main_process:
+        model.save_pretrained(final_dir)
+        summary = {"steps": state.step, **summary, "processes": accelerator.num_processes,
+                   "distributed_type": str(accelerator.distributed_type), "skipped_samples": dict(skipped),
+                   "final_model": str(final_dir)}
+        (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        accelerator.print(json.dumps(summary))
+    accelerator.wait_for_everyone()
+    return final_dir
+
+
 def main(argv: list[str] | None = None) -> Path:
     """Runs training; returns the directory of the exported final model."""
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, gather_object, set_seed
+    from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     run_dir = Path(cfg.run.dir)
-    # Without an accelerator, ask for CPU explicitly: under a multi-process launch accelerate then forms a gloo
-    # group (MULTI_CPU) instead of leaving every process on its own.
-    no_accelerator = not (torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
-                          or torch.backends.mps.is_available())
-    accelerator = Accelerator(
-        cpu=no_accelerator, gradient_accumulation_steps=cfg.train.grad_accum,
-        mixed_precision=cfg.train.mixed_precision,
-        log_with="tensorboard", project_config=ProjectConfiguration(project_dir=str(run_dir),
-                                                                    logging_dir=str(run_dir / "logs")))
+    accelerator = make_accelerator(cfg, run_dir)
     set_seed(cfg.run.seed)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -258,20 +283,9 @@ def main(argv: list[str] | None = None) -> Path:
     progress.close()
     elapsed = time.time() - start
     save_checkpoint(accelerator, run_dir, state, scheduler, teacher, cfg.train.keep_checkpoints)
-    skipped = Counter()
-    for counts in gather_object([dict(state.skipped)]):
-        skipped.update(counts)
-    final_dir = run_dir / "final"
-    if accelerator.is_main_process:
-        unwrapped.save_pretrained(final_dir)
-        summary = {"steps": state.step, "steps_this_session": state.step - start_step, "seconds": round(elapsed, 1),
-                   "images_per_second_per_process": round(images_seen / max(elapsed, 1e-9), 2),
-                   "processes": accelerator.num_processes, "distributed_type": str(accelerator.distributed_type),
-                   "skipped_samples": dict(skipped),
-                   "final_model": str(final_dir)}
-        (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
-        accelerator.print(json.dumps(summary))
-    accelerator.wait_for_everyone()
+    final_dir = export(accelerator, unwrapped, run_dir, state, {
+        "steps_this_session": state.step - start_step, "seconds": round(elapsed, 1),
+        "images_per_second_per_process": round(images_seen / max(elapsed, 1e-9), 2)})
     accelerator.end_training()
     return final_dir
 
