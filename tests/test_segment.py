@@ -52,10 +52,11 @@ def _scene():
     return img
 
 
-@pytest.mark.parametrize("readout,context", [("cluster", 0), ("cluster", 1), ("dense", 0)])
-def test_known_scene_labels_background_and_shapes(readout, context):
+@pytest.mark.parametrize("readout,context,refine", [("cluster", 0, False), ("cluster", 1, False),
+                                                    ("cluster", 0, True), ("dense", 0, False)])
+def test_known_scene_labels_background_and_shapes(readout, context, refine):
     seg = Segmenter(ColourModel(), queries=["red thing", "green thing", "blue thing"], readout=readout,
-                    bg_threshold=0.4, input_size=32, context=context)
+                    bg_threshold=0.4, input_size=32, context=context, refine=refine)
     res = seg.segment(_scene())
     assert res.labels.shape == (32, 48) and res.cluster_map.shape == (32, 48) and res.logits.shape == (4, 32, 48)
     # interiors (bilinear upsampling of patch scores rounds the corners of each region; context pooling lowers the

@@ -111,6 +111,7 @@ class Segmenter:
         split_components: split every cluster into 4-connected segments (segments per image are not capped).
         context: pool each segment's embedding over the segment dilated by this many patches (labels still cover
             only the segment): shape evidence sits partly in the patches around an object's boundary.
+        refine: split every cluster where the per-patch best-matching query changes, before pooling.
         center_queries: subtract the mean of the vocabulary's name embeddings before normalising (needs >= 2 names).
             Captions share a large common component (template, wording), and regions no caption describes
             (background) drift towards it; centring removes it so that they score near 0 for every name.
@@ -120,14 +121,15 @@ class Segmenter:
 
     def __init__(self, model, queries=None, templates=DEFAULT_TEMPLATES, readout: str = "cluster",
                  bg_threshold: float = 0.3, split_components: bool = True, input_size: int | None = None,
-                 device: str | torch.device | None = None, center_queries: bool = True, context: int = 0):
+                 device: str | torch.device | None = None, center_queries: bool = True, context: int = 0,
+                 refine: bool = False):
         if readout not in ("cluster", "dense"):
             raise ValueError(f"readout must be 'cluster' or 'dense', got {readout!r}")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.to(self.device).eval()
         self.templates = tuple(templates)
         self.readout, self.bg_threshold, self.split_components = readout, bg_threshold, split_components
-        self.center_queries, self.context = center_queries, context
+        self.center_queries, self.context, self.refine = center_queries, context, refine
         self.input_size = input_size or model.config.image.img_size
         self.patch = model.image_encoder.patch_size
         self.names: list[str] = []
@@ -186,6 +188,9 @@ class Segmenter:
             seg = torch.arange(h * w, device=emb.device).view(1, h, w).expand(b, h, w)
             return self.index.scores(flat).view(b, h, w, -1).permute(0, 3, 1, 2), seg
         clusters = dense["cluster_probs"].argmax(1)  # [B, h, w]
+        if self.refine:  # split clusters where the per-patch best query changes (clusters may span objects and bg)
+            best = self.index.scores(flat).argmax(1).view(b, h, w)
+            clusters = clusters * len(self.names) + best
         seg = connected_components(clusters) if self.split_components else clusters
         uid = (seg + torch.arange(b, device=seg.device).view(b, 1, 1) * (h * w + dense["cluster_probs"].shape[1]))
         uniq, inverse = torch.unique(uid.flatten(), return_inverse=True)
