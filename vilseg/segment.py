@@ -214,13 +214,6 @@ class Segmenter:
         return pooled
 
     @torch.no_grad()
-    def logits(self, images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """[B, Q + 1, H, W] scores at ``size``: channel 0 is the constant background threshold (TCL-style)."""
-        scores, _ = self.patch_scores(images)
-        bg = torch.full_like(scores[:, :1], self.bg_threshold)
-        return F.interpolate(torch.cat([bg, scores], 1), size=size, mode="bilinear", align_corners=False)
-
-    @torch.no_grad()
     def segment(self, image) -> SegmentationResult:
         """Segments one image (PIL, path or HxWx3 uint8) with the current queries."""
         x, size = self.preprocess(image)

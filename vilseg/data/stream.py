@@ -96,22 +96,20 @@ class SkipLog:
 
 
 def _decode_caption(sample: dict, rng: np.random.Generator) -> str:
-    """A sample with several captions (json "captions", e.g. COCO) gets one drawn at random each time it is seen,
-    so each epoch may pair the image with a different caption; otherwise the .txt caption."""
-    if "json" in sample:
-        captions = json.loads(sample["json"]).get("captions")
-        if isinstance(captions, list) and len(captions) > 1:
-            return str(captions[rng.integers(len(captions))]).strip()
+    """The .txt caption; a sample whose json holds several "captions" (e.g. COCO) gets one drawn at random each
+    time it is seen, so each epoch may pair the image with a different caption."""
+    meta = json.loads(sample["json"]) if "json" in sample else {}
+    captions = meta.get("captions")
+    if isinstance(captions, list) and len(captions) > 1:
+        return str(captions[rng.integers(len(captions))]).strip()
     for key in CAPTION_KEYS:
         if key in sample:
             return sample[key].decode("utf-8").strip()
-    if "json" in sample:
-        meta = json.loads(sample["json"])
-        value = meta.get("caption") or meta.get("captions")
-        if isinstance(value, list) and value:
-            return str(value[0]).strip()
-        if isinstance(value, str):
-            return value.strip()
+    value = meta.get("caption") or captions
+    if isinstance(value, list) and value:
+        return str(value[0]).strip()
+    if isinstance(value, str):
+        return value.strip()
     raise KeyError("caption")
 
 
@@ -187,14 +185,15 @@ class DecodeAugmentTokenize:
             self.skip_log.add("corrupt_image")
             return None
         views, boxes, flips = self.crop(image, rng)
-        tokens = self.tokenizer([caption])
-        out = {"views": views, "boxes": boxes, "flips": flips, "caption": caption, "key": sample.get("__key__"),
-               **{k: v[0] for k, v in tokens.items()}}
-        if self.swap_groups:
-            negative = swap_word(caption, self.swap_groups, rng, self.swap_exclude)
-            neg_tokens = self.tokenizer([negative or caption])
-            out.update({f"neg_{k}": v[0] for k, v in neg_tokens.items()})
-            out["has_neg"] = torch.tensor(negative is not None)
+        out = {"views": views, "boxes": boxes, "flips": flips, "caption": caption, "key": sample.get("__key__")}
+        if not self.swap_groups:
+            out.update({k: v[0] for k, v in self.tokenizer([caption]).items()})
+            return out
+        negative = swap_word(caption, self.swap_groups, rng, self.swap_exclude)
+        tokens = self.tokenizer([caption, negative or caption])  # one tokenizer call for both
+        out.update({k: v[0] for k, v in tokens.items()})
+        out.update({f"neg_{k}": v[1] for k, v in tokens.items()})
+        out["has_neg"] = torch.tensor(negative is not None)
         return out
 
 
