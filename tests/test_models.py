@@ -156,3 +156,12 @@ def test_identity_text_projection_keeps_the_text_towers_space():
     torch.testing.assert_close(model.encode_texts(["a crimson disc"]), raw)
     with pytest.raises(ValueError, match="embed_dim"):
         create_model("vilseg-tiny-minilm", text_proj="identity")  # embed_dim 32 != MiniLM's 384
+
+
+def test_identity_initialised_text_projection_starts_in_the_text_towers_space():
+    model = create_model("vilseg-tiny-minilm", embed_dim=384, text_proj="linear_identity_init").eval()
+    assert isinstance(model.text_proj, torch.nn.Linear) and model.text_proj.weight.requires_grad
+    tok = model.tokenizer(["a navy box"])
+    with torch.no_grad():
+        raw = torch.nn.functional.normalize(model.text_encoder(tok["input_ids"], tok["attention_mask"]), dim=-1)
+    torch.testing.assert_close(model.encode_texts(["a navy box"]), raw)

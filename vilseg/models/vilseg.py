@@ -52,10 +52,15 @@ class ViLSeg(nn.Module):
                 raise ValueError(f"text_proj='identity' needs embed_dim == text width ({text_encoder.width}), "
                                  f"got embed_dim={embed_dim}")
             self.text_proj = nn.Identity()
-        elif text_proj == "linear":
+        elif text_proj in ("linear", "linear_identity_init"):
             self.text_proj = nn.Linear(text_encoder.width, embed_dim)
+            if text_proj == "linear_identity_init":  # trained, but starting from the text tower's own geometry
+                if text_encoder.width != embed_dim:
+                    raise ValueError("text_proj='linear_identity_init' needs embed_dim == text width")
+                nn.init.eye_(self.text_proj.weight)
+                nn.init.zeros_(self.text_proj.bias)
         else:
-            raise ValueError(f"text_proj must be 'linear' or 'identity', got {text_proj!r}")
+            raise ValueError(f"text_proj must be 'linear', 'linear_identity_init' or 'identity', got {text_proj!r}")
         self.vision_head = mlp(width, vision_hidden, vision_dim)
         self.cluster_head = ClusterHead(width, cluster_hidden, n_clusters)
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
