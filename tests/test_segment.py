@@ -81,6 +81,31 @@ def test_known_scene_labels_background_and_shapes(readout, context, refine):
         assert sorted(s["label"] for s in res.segments) == ["background", "blue thing", "red thing", "red thing"]
 
 
+class ContextModel(ColourModel):
+    """Like ColourModel, but every patch embedding also carries 3x the image's mean colour (over saturated patches),
+    as attention mixes context into a ViT's patch tokens. Blanked pixels (0) are unsaturated: they add no context."""
+
+    def dense_embeddings(self, images):
+        onehot = self._onehot(images)
+        context = onehot[:, :3].mean((2, 3), keepdim=True)  # [B, 3, 1, 1]
+        emb = onehot + 3 * F.pad(context, (0, 0, 0, 0, 0, 1))
+        return {"patch_embed": F.normalize(emb, dim=1), "cluster_probs": onehot}
+
+
+def test_reencoded_segments_are_free_of_their_neighbours_context():
+    queries = ["red thing", "green thing", "blue thing"]
+    pooled = Segmenter(ContextModel(), queries=queries, bg_threshold=0.4, input_size=32).segment(_scene())
+    clean = Segmenter(ContextModel(), queries=queries, bg_threshold=0.4, input_size=32, region="reencode")
+    res = clean.segment(_scene())
+    # with context mixing, the pooled red segment also looks blue; re-encoded alone it is pure red again (0.816)
+    assert pooled.scores["red thing"] < 0.75
+    assert abs(res.scores["red thing"] - 0.8165) < 1e-3 and abs(res.scores["blue thing"] - 0.8165) < 1e-3
+    assert (res.labels[0:14, 0:14] == 1).all() and (res.labels[0:14, 34:48] == 3).all()
+    assert (res.labels[18:32, 0:14] == 0).all()
+    with pytest.raises(ValueError, match="region"):
+        Segmenter(ContextModel(), queries=queries, region="crop")
+
+
 def test_aliases_take_the_max_and_overlay_png(tmp_path):
     seg = Segmenter(ColourModel(), queries={"warm": ["red thing", "green thing"], "cold": ["blue thing"]},
                     bg_threshold=0.4, input_size=32)

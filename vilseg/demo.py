@@ -48,17 +48,18 @@ def group_miou(iou: dict[str, float], names: list[str]) -> float:
 
 
 def evaluate_model(model_dir: Path, data_dir: Path, out: Path, readout: str, n_overlays: int,
-                   refine: bool = False) -> dict:
+                   refine: bool = False, region: str = "pool") -> dict:
     from .segment import Segmenter
 
     items, meta = ev.load_split(data_dir / "eval")
     calib, _ = ev.load_split(data_dir / "calib")
     names = meta["classes"][1:]
     n_classes = len(names) + 1
-    seg = Segmenter.from_pretrained(model_dir, queries=names, readout=readout, refine=refine)
+    seg = Segmenter.from_pretrained(model_dir, queries=names, readout=readout, refine=refine, region=region)
     threshold, sweep = ev.calibrate_threshold(ev.class_scores(seg, calib), n_classes)
     seg.bg_threshold = threshold
-    report = {"readout": readout + ("+refine" if refine else ""), "bg_threshold": threshold,
+    name = readout + ("+refine" if refine else "") + ("+reencode" if region == "reencode" else "")
+    report = {"readout": name, "bg_threshold": threshold,
               "calibration_sweep": sweep}
     per_query = {}
     for vocab in ("canonical", "synonym"):
@@ -154,6 +155,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--overlays", type=int, default=8)
     parser.add_argument("--refine", action="store_true",
                         help="cluster read-out: split clusters where the per-patch best query changes")
+    parser.add_argument("--region", choices=("pool", "reencode"), default="pool",
+                        help="cluster read-out: segment embedding by pooling patches (paper) or by re-encoding "
+                             "the segment alone")
     parser.add_argument("--skip-train", action="store_true", help="reuse OUT/train/final")
     parser.add_argument("overrides", nargs="*", help="key=value training-config overrides")
     args = parser.parse_args(argv)
@@ -169,7 +173,8 @@ def main(argv: list[str] | None = None) -> dict:
 
             train_main(["--config", args.config, f"run.dir={args.out / 'train'}", f"data.shards={pattern}",
                         *args.overrides])
-        report = evaluate_model(model_dir, args.data, args.out, args.readout, args.overlays, args.refine)
+        report = evaluate_model(model_dir, args.data, args.out, args.readout, args.overlays, args.refine,
+                                args.region)
     report["config"] = args.config
     report["seconds_total"] = round(time.time() - start, 1)
     (args.out / "metrics.json").write_text(json.dumps(report, indent=1))

@@ -112,6 +112,11 @@ class Segmenter:
         context: pool each segment's embedding over the segment dilated by this many patches (labels still cover
             only the segment): shape evidence sits partly in the patches around an object's boundary.
         refine: split every cluster where the per-patch best-matching query changes, before pooling.
+        region: how a segment's embedding is formed (cluster read-out only). ``"pool"``: masked average pooling of
+            the patch embeddings (the ViL-Seg paper). ``"reencode"``: the image is encoded again with every pixel
+            outside the segment set to the normalisation mean, and the re-encoded patch embeddings are pooled over
+            the segment: the segment's features then come from the segment alone, not from neighbouring objects
+            seen through attention. Costs one extra forward pass per segment (batched per image).
         center_queries: subtract the mean of the vocabulary's name embeddings before normalising (needs >= 2 names).
             Captions share a large common component (template, wording), and regions no caption describes
             (background) drift towards it; centring removes it so that they score near 0 for every name.
@@ -122,14 +127,17 @@ class Segmenter:
     def __init__(self, model, queries=None, templates=DEFAULT_TEMPLATES, readout: str = "cluster",
                  bg_threshold: float = 0.3, split_components: bool = True, input_size: int | None = None,
                  device: str | torch.device | None = None, center_queries: bool = True, context: int = 0,
-                 refine: bool = False):
+                 refine: bool = False, region: str = "pool", reencode_batch: int = 64):
         if readout not in ("cluster", "dense"):
             raise ValueError(f"readout must be 'cluster' or 'dense', got {readout!r}")
+        if region not in ("pool", "reencode"):
+            raise ValueError(f"region must be 'pool' or 'reencode', got {region!r}")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.to(self.device).eval()
         self.templates = tuple(templates)
         self.readout, self.bg_threshold, self.split_components = readout, bg_threshold, split_components
         self.center_queries, self.context, self.refine = center_queries, context, refine
+        self.region, self.reencode_batch = region, reencode_batch
         self.input_size = input_size or model.config.image.img_size
         self.patch = model.image_encoder.patch_size
         self.names: list[str] = []
@@ -194,12 +202,30 @@ class Segmenter:
         seg = connected_components(clusters) if self.split_components else clusters
         uid = (seg + torch.arange(b, device=seg.device).view(b, 1, 1) * (h * w + dense["cluster_probs"].shape[1]))
         uniq, inverse = torch.unique(uid.flatten(), return_inverse=True)
-        if self.context > 0:
+        if self.region == "reencode":
+            pooled = self._reencode_pool(images, inverse.view(b, h, w), len(uniq))
+        elif self.context > 0:
             pooled = self._context_pool(inverse.view(b, h, w), len(uniq), emb)
         else:
             pooled = torch.zeros(len(uniq), e, device=emb.device).index_add_(0, inverse, flat)  # masked avg pooling
         seg_scores = self.index.scores(F.normalize(pooled, dim=-1))  # [S, Q]
         return seg_scores[inverse].view(b, h, w, -1).permute(0, 3, 1, 2), inverse.view(b, h, w)
+
+    def _reencode_pool(self, images: torch.Tensor, ids: torch.Tensor, n: int) -> torch.Tensor:
+        """[B, 3, H, W] normalised images, [B, h, w] segment ids (0..n-1, unique across the batch) -> [n, E] sums of
+        the patch embeddings of each segment's own re-encoding (everything outside the segment blanked)."""
+        p = self.patch
+        pooled = None
+        for i in range(ids.shape[0]):
+            segs = torch.unique(ids[i])
+            for chunk in segs.split(self.reencode_batch):
+                masks = (ids[i][None] == chunk[:, None, None]).float()  # [S, h, w]
+                pixels = masks.repeat_interleave(p, 1).repeat_interleave(p, 2)[:, None]  # [S, 1, H, W]
+                emb = self.model.dense_embeddings(images[i:i + 1] * pixels)["patch_embed"]  # [S, E, h, w]
+                if pooled is None:
+                    pooled = torch.zeros(n, emb.shape[1], device=emb.device)
+                pooled[chunk] = torch.einsum("shw,sehw->se", masks, emb)
+        return pooled
 
     def _context_pool(self, ids: torch.Tensor, n: int, emb: torch.Tensor) -> torch.Tensor:
         """[B, h, w] segment ids (0..n-1, unique across the batch), [B, E, h, w] -> [n, E] sums over dilated masks."""
@@ -267,11 +293,15 @@ def cli(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="output directory for overlays and JSON")
     parser.add_argument("--bg-threshold", type=float, default=0.3)
     parser.add_argument("--readout", choices=("cluster", "dense"), default="cluster")
+    parser.add_argument("--refine", action="store_true",
+                        help="cluster read-out: split clusters where the per-patch best query changes")
+    parser.add_argument("--region", choices=("pool", "reencode"), default="pool",
+                        help="cluster read-out: pool patch embeddings per segment, or re-encode each segment alone")
     args = parser.parse_args(argv)
     import json
 
     seg = Segmenter.from_pretrained(args.model, queries=args.queries, bg_threshold=args.bg_threshold,
-                                    readout=args.readout)
+                                    readout=args.readout, refine=args.refine, region=args.region)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for image in args.image:
