@@ -104,6 +104,8 @@ def test_reencoded_segments_are_free_of_their_neighbours_context():
     assert (res.labels[18:32, 0:14] == 0).all()
     with pytest.raises(ValueError, match="region"):
         Segmenter(ContextModel(), queries=queries, region="crop")
+    with pytest.raises(ValueError, match="reencode"):
+        Segmenter(ContextModel(), queries=queries, readout="dense", region="reencode")
 
 
 def test_aliases_take_the_max_and_overlay_png(tmp_path):

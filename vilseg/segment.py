@@ -132,6 +132,8 @@ class Segmenter:
             raise ValueError(f"readout must be 'cluster' or 'dense', got {readout!r}")
         if region not in ("pool", "reencode"):
             raise ValueError(f"region must be 'pool' or 'reencode', got {region!r}")
+        if region == "reencode" and (readout != "cluster" or context):
+            raise ValueError("region='reencode' needs readout='cluster' and context=0 (it replaces context pooling)")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.to(self.device).eval()
         self.templates = tuple(templates)
