@@ -205,7 +205,7 @@ class Segmenter:
         uid = (seg + torch.arange(b, device=seg.device).view(b, 1, 1) * (h * w + dense["cluster_probs"].shape[1]))
         uniq, inverse = torch.unique(uid.flatten(), return_inverse=True)
         if self.region == "reencode":
-            pooled = self._reencode_pool(images, inverse.view(b, h, w), len(uniq))
+            pooled = self._reencode_pool(images, inverse.view(b, h, w), torch.zeros(len(uniq), e, device=emb.device))
         elif self.context > 0:
             pooled = self._context_pool(inverse.view(b, h, w), len(uniq), emb)
         else:
@@ -213,19 +213,16 @@ class Segmenter:
         seg_scores = self.index.scores(F.normalize(pooled, dim=-1))  # [S, Q]
         return seg_scores[inverse].view(b, h, w, -1).permute(0, 3, 1, 2), inverse.view(b, h, w)
 
-    def _reencode_pool(self, images: torch.Tensor, ids: torch.Tensor, n: int) -> torch.Tensor:
-        """[B, 3, H, W] normalised images, [B, h, w] segment ids (0..n-1, unique across the batch) -> [n, E] sums of
-        the patch embeddings of each segment's own re-encoding (everything outside the segment blanked)."""
+    def _reencode_pool(self, images: torch.Tensor, ids: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] normalised images, [B, h, w] segment ids (0..n-1, unique across the batch), [n, E] zeros ->
+        [n, E] sums of the patch embeddings of each segment's own re-encoding (everything outside it blanked)."""
         p = self.patch
-        pooled = None
         for i in range(ids.shape[0]):
             segs = torch.unique(ids[i])
             for chunk in segs.split(self.reencode_batch):
                 masks = (ids[i][None] == chunk[:, None, None]).float()  # [S, h, w]
                 pixels = masks.repeat_interleave(p, 1).repeat_interleave(p, 2)[:, None]  # [S, 1, H, W]
                 emb = self.model.dense_embeddings(images[i:i + 1] * pixels)["patch_embed"]  # [S, E, h, w]
-                if pooled is None:
-                    pooled = torch.zeros(n, emb.shape[1], device=emb.device)
                 pooled[chunk] = torch.einsum("shw,sehw->se", masks, emb)
         return pooled
 
