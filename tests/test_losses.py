@@ -8,8 +8,7 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from vilseg.losses import (CrossModalInfoNCE, IICLoss, SegmentWordContrast, VisionContrast, align_to_box,
-                           overlap_boxes)
+from vilseg.losses import CrossModalInfoNCE, IICLoss, VisionContrast, align_to_box, overlap_boxes
 
 
 def _naive_xm(img, txt, scale):
@@ -193,41 +192,3 @@ def test_cross_modal_hard_negatives_match_naive_forward_and_grad():
     torch.testing.assert_close(fast, slow)
     for a, b in zip(g_fast, g_slow):
         torch.testing.assert_close(a, b)
-
-
-def _naive_sim(segs, seg_ok, words, word_ok, i, j):
-    """Mean over caption j's valid words of the best valid segment of image i (plain loops)."""
-    best = [max(segs[i, c] @ words[j, l] for c in range(segs.shape[1]) if seg_ok[i, c])
-            for l in range(words.shape[1]) if word_ok[j, l]]
-    return sum(best) / len(best)
-
-
-def test_segment_word_contrast_matches_naive_forward_and_grad():
-    torch.manual_seed(0)
-    b, c, n_words, e = 4, 3, 5, 6
-    segs = F.normalize(torch.randn(b, c, e, dtype=torch.float64), dim=-1)
-    words = F.normalize(torch.randn(b, n_words, e, dtype=torch.float64), dim=-1)
-    negs = F.normalize(torch.randn(b, n_words, e, dtype=torch.float64), dim=-1)
-    seg_ok = torch.tensor([[1, 1, 0], [1, 0, 1], [0, 1, 1], [1, 1, 1]], dtype=torch.bool)
-    word_ok = torch.rand(b, n_words) > 0.3
-    word_ok[:, 0] = True
-    neg_ok = word_ok.roll(1, 1) | torch.eye(b, n_words, dtype=torch.bool)
-    has_neg = torch.tensor([True, False, True, True])
-    scale = torch.tensor(9.0, dtype=torch.float64)
-
-    def naive(s, w, nw):
-        total = 0.0
-        for i in range(b):
-            cols = [scale * _naive_sim(s, seg_ok, w, word_ok, i, j) for j in range(b)]
-            cols += [scale * _naive_sim(s, seg_ok, nw, neg_ok, i, j) for j in range(b) if has_neg[j]]
-            rows = [scale * _naive_sim(s, seg_ok, w, word_ok, j, i) for j in range(b)]
-            total = total - torch.log_softmax(torch.stack(cols), 0)[i] - torch.log_softmax(torch.stack(rows), 0)[i]
-        return total / (2 * b)
-
-    loss = SegmentWordContrast()
-    fast, g_fast = _grads(lambda s, w, nw: loss(s, seg_ok, w, word_ok, scale, nw, neg_ok, has_neg)["seg"],
-                          segs, words, negs)
-    slow, g_slow = _grads(naive, segs, words, negs)
-    torch.testing.assert_close(fast, slow)
-    for a, b_ in zip(g_fast, g_slow):
-        torch.testing.assert_close(a, b_)

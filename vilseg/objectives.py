@@ -7,13 +7,11 @@ import math
 import torch
 from torch import nn
 
-from .losses import CrossModalInfoNCE, IICLoss, SegmentWordContrast, VisionContrast, align_to_box, overlap_boxes
+from .losses import CrossModalInfoNCE, IICLoss, VisionContrast, align_to_box, overlap_boxes
 
 
 class ViLSegObjective(nn.Module):
-    """L = w_xm * L_xm + w_vis * L_vis + w_clu * L_clu (+ w_seg * L_seg), computing only the terms with a non-zero
-    weight. ``seg`` is the segment-word contrast (:class:`~vilseg.losses.SegmentWordContrast`), an extension of
-    ViL-Seg that trains the clustering head's segments against caption words; the paper's objective has it at 0.
+    """L = w_xm * L_xm + w_vis * L_vis + w_clu * L_clu, computing only the terms with a non-zero weight.
 
     Args:
         weights: mapping of term name ("xm", "vis", "clu") to weight; unknown names are an error.
@@ -22,7 +20,7 @@ class ViLSegObjective(nn.Module):
         align_size: side of the RoIAligned overlap grid the IIC pairs are sampled on.
     """
 
-    TERMS = ("xm", "vis", "clu", "seg")
+    TERMS = ("xm", "vis", "clu")
 
     def __init__(self, weights: dict[str, float], vis_temperature: float = 0.1, iic_lambda: float = 1.0,
                  align_size: int = 8):
@@ -36,16 +34,11 @@ class ViLSegObjective(nn.Module):
         self.xm = CrossModalInfoNCE()
         self.vis = VisionContrast(vis_temperature)
         self.clu = IICLoss(iic_lambda)
-        self.seg = SegmentWordContrast()
         self.align_size = align_size
 
     @property
     def needs_teacher(self) -> bool:
         return "vis" in self.weights
-
-    @property
-    def segment_words(self) -> bool:
-        return "seg" in self.weights
 
     @property
     def n_cluster_views(self) -> int:
@@ -65,12 +58,6 @@ class ViLSegObjective(nn.Module):
             text = out["text_embed"]
             negatives = (text[b:], has_neg) if has_neg is not None else (None, None)
             terms.update(self.xm(out["image_embed"], text[:b], out["logit_scale"], *negatives))
-        if "seg" in self.weights:
-            b = out["segment_embed"].shape[0]
-            words, valid = out["word_embed"], out["word_valid"]
-            negatives = (words[b:], valid[b:], has_neg) if has_neg is not None else (None, None, None)
-            terms.update(self.seg(out["segment_embed"], out["segment_valid"], words[:b], valid[:b],
-                                  out["logit_scale"], *negatives))
         if "vis" in self.weights:
             terms.update(self.vis(out["vision_embed"], teacher_embed))
         if "clu" in self.weights:

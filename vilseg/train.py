@@ -134,8 +134,7 @@ def training_step(model, teacher, objective, batch, n_global: int) -> dict:
     if "neg_input_ids" in batch:
         ids = torch.cat([ids, batch["neg_input_ids"]])
         mask = torch.cat([mask, batch["neg_attention_mask"]])
-    out = model(batch["views"], ids, mask, vision=objective.needs_teacher, n_cluster_views=objective.n_cluster_views,
-                segment_words=objective.segment_words)
+    out = model(batch["views"], ids, mask, vision=objective.needs_teacher, n_cluster_views=objective.n_cluster_views)
     teacher_embed = teacher(batch["views"][:n_global]) if teacher is not None else None
     return objective(out, teacher_embed, batch["boxes"], batch["flips"], batch.get("has_neg"))
 

@@ -47,13 +47,11 @@ class HFTextEncoder(nn.Module):
         self.tokenizer = tokenizer
         self.width = model.config.hidden_size
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, return_tokens: bool = False):
-        """[B, L] ids and mask -> [B, width] mean of the non-padding token states; with ``return_tokens`` also the
-        [B, L, width] token states (their masked mean is the pooled output)."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B, L] ids and mask -> [B, width] mean of the non-padding token states."""
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, L, W]
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
-        return (pooled, hidden) if return_tokens else pooled
+        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
     def save_assets(self, directory: Path) -> None:
         """Writes the architecture config and tokenizer so the tower can be rebuilt without its source."""
@@ -70,24 +68,9 @@ class OpenCLIPTextEncoder(nn.Module):
         self.tokenizer = tokenizer
         self.width = width
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                return_tokens: bool = False):
-        """[B, L] token ids -> [B, width] open_clip text features (EOT pooling + projection); with
-        ``return_tokens`` also the [B, L, width] token features (final LayerNorm + the same projection)."""
-        if not return_tokens:
-            return self.tower(input_ids)
-        previous = self.tower.output_tokens
-        self.tower.output_tokens = True
-        try:
-            pooled, tokens = self.tower(input_ids)
-        finally:
-            self.tower.output_tokens = previous
-        proj = self.tower.text_projection
-        if isinstance(proj, nn.Linear):
-            tokens = proj(tokens)
-        elif proj is not None:
-            tokens = tokens @ proj
-        return pooled, tokens
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, L] token ids -> [B, width] open_clip text features (EOT pooling + projection)."""
+        return self.tower(input_ids)
 
     def save_assets(self, directory: Path) -> None:
         """open_clip configs and BPE vocabulary ship inside its wheel: nothing to write."""

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig, model_config_from_dict
-from .heads import ClusterHead, TextCentering, mlp
+from .heads import ClusterHead, mlp
 from .image_encoder import ImageEncoder, build_image_encoder, tokens_to_map
 from .text_encoder import build_text_encoder
 
@@ -33,8 +33,7 @@ class ViLSeg(nn.Module):
         n_clusters: C.
         cluster_hidden: hidden width of the clustering head.
         init_logit_scale: initial log of the cross-modal logit scale.
-        text_proj: "linear" (trained), "linear_identity_init" (trained, starting at the identity), "identity"
-            (locked text space) or "center" (locked text space minus its running mean, :class:`TextCentering`).
+        text_proj: "linear" or "identity" (locked text space).
         config: the :class:`ModelConfig` that built this model (saved with the weights).
     """
 
@@ -48,11 +47,11 @@ class ViLSeg(nn.Module):
         # Linear, so that with avg pooling the global joint embedding is the mean of the patch joint embeddings:
         # the cross-modal contrast then shapes the dense embeddings the segmenter reads.
         self.image_proj = nn.Linear(width, embed_dim)
-        if text_proj in ("identity", "center"):
+        if text_proj == "identity":
             if text_encoder.width != embed_dim:
-                raise ValueError(f"text_proj={text_proj!r} needs embed_dim == text width ({text_encoder.width}), "
+                raise ValueError(f"text_proj='identity' needs embed_dim == text width ({text_encoder.width}), "
                                  f"got embed_dim={embed_dim}")
-            self.text_proj = nn.Identity() if text_proj == "identity" else TextCentering(embed_dim)
+            self.text_proj = nn.Identity()
         elif text_proj in ("linear", "linear_identity_init"):
             self.text_proj = nn.Linear(text_encoder.width, embed_dim)
             if text_proj == "linear_identity_init":  # trained, but starting from the text tower's own geometry
@@ -61,7 +60,7 @@ class ViLSeg(nn.Module):
                 nn.init.eye_(self.text_proj.weight)
                 nn.init.zeros_(self.text_proj.bias)
         else:
-            raise ValueError(f"text_proj must be 'linear', 'linear_identity_init', 'identity' or 'center', got {text_proj!r}")
+            raise ValueError(f"text_proj must be 'linear', 'linear_identity_init' or 'identity', got {text_proj!r}")
         self.vision_head = mlp(width, vision_hidden, vision_dim)
         self.cluster_head = ClusterHead(width, cluster_hidden, n_clusters)
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
@@ -103,23 +102,9 @@ class ViLSeg(nn.Module):
             "image_embed": F.normalize(self.image_proj(feats.global_token), dim=-1),
         }
 
-    def encode_text_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
-                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """[B, L] tokens -> ([B, E] caption embeddings, [B, L, E] word embeddings, [B, L] word validity), all in the
-        joint space and L2-normalised. Words are the text tower's token features under the same projection; the
-        start and end tokens and padding are not words."""
-        if not isinstance(self.text_proj, (nn.Linear, nn.Identity)):
-            raise ValueError("word embeddings need a linear or identity text_proj (a centring buffer is per caption)")
-        pooled, tokens = self.text_encoder(input_ids, attention_mask, return_tokens=True)
-        valid = attention_mask.bool().clone()
-        valid[:, 0] = False  # start token ([CLS] / <start_of_text>)
-        last = attention_mask.long().cumsum(1).argmax(1)  # the last non-padding position: [SEP] / <end_of_text>
-        valid[torch.arange(len(valid), device=valid.device), last] = False
-        return (F.normalize(self.text_proj(pooled), dim=-1), F.normalize(self.text_proj(tokens), dim=-1), valid)
-
     def forward(self, views: list[torch.Tensor], input_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, vision: bool = True, n_cluster_views: int = 0,
-                patch_masks: list[torch.Tensor | None] | None = None, segment_words: bool = False) -> dict:
+                patch_masks: list[torch.Tensor | None] | None = None) -> dict:
         """Training view: embeddings for every augmented view of a batch.
 
         Args:
@@ -129,31 +114,17 @@ class ViLSeg(nn.Module):
             vision: also return the vision-head embedding of every view.
             n_cluster_views: return cluster logits for the first this-many views.
             patch_masks: optional per-view [B, h, w] bool masks.
-            segment_words: also return view 0's soft segments and the captions' word embeddings.
 
         Returns:
             dict: ``image_embed`` [B, E] (view 0), ``text_embed`` [B, E], ``vision_embed`` list of [B, P],
-            ``cluster_logits`` list of [B, C, h, w], ``logit_scale`` (scalar, clamped, exponentiated); with
-            ``segment_words``: ``segment_embed`` [B, C, E] (normalised joint-space patch embeddings pooled with the
-            detached cluster assignment), ``segment_valid`` [B, C] (mass of at least one patch), ``word_embed`` [B, L, E],
-            ``word_valid`` [B, L].
+            ``cluster_logits`` list of [B, C, h, w], ``logit_scale`` (scalar, clamped, exponentiated).
         """
         out: dict = {"logit_scale": self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()}
         masks = patch_masks or [None] * len(views)
         feats = [self.image_encoder(v, patch_mask=m) for v, m in zip(views, masks)]
         out["image_embed"] = F.normalize(self.image_proj(feats[0].global_token), dim=-1)
-        if input_ids is not None and segment_words:
-            out["text_embed"], out["word_embed"], out["word_valid"] = self.encode_text_tokens(input_ids, attention_mask)
-        elif input_ids is not None:
+        if input_ids is not None:
             out["text_embed"] = self.encode_text(input_ids, attention_mask)
-        if segment_words:
-            # The assignment is detached: trained through this term, it collapses to one segment (the whole image
-            # is the easiest thing to match a word with); the clustering loss alone forms the segments.
-            assign = self.cluster_head(feats[0].patch_tokens).detach().float().softmax(-1)  # [B, N, C]
-            patches = F.normalize(self.image_proj(feats[0].patch_tokens), dim=-1).float()  # [B, N, E]
-            mass = assign.sum(1)  # [B, C]
-            out["segment_embed"] = F.normalize(torch.einsum("bnc,bne->bce", assign, patches), dim=-1)
-            out["segment_valid"] = mass >= 1.0
         if vision:
             out["vision_embed"] = [F.normalize(self.vision_head(f.global_token), dim=-1) for f in feats]
         out["cluster_logits"] = [tokens_to_map(self.cluster_head(f.patch_tokens), f.grid)
