@@ -40,9 +40,10 @@ class ModelConfig:
     image: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     embed_dim: int = 256  # joint image-text space
-    text_proj: str = "linear"  # "linear" (trained), "linear_identity_init" (trained from the identity) or "identity"
-    # (locked text space, LiT-style: the joint space is the
-    # text tower's own, so words never seen in training keep the tower's geometry; needs text width == embed_dim)
+    # "linear" (trained), "linear_identity_init" (trained from the identity) or "identity" (locked text space,
+    # LiT-style: the joint space is the text tower's own, so words never seen in training keep the tower's geometry;
+    # needs text width == embed_dim)
+    text_proj: str = "linear"
     vision_dim: int = 128  # output of the vision-contrast head (student and EMA teacher)
     vision_hidden: int = 512
     n_clusters: int = 32  # C, clusters of the online clustering head
