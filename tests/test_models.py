@@ -105,6 +105,21 @@ def test_hf_backend_uses_real_minilm_weights():
     assert emb[0] @ emb[1] > emb[0] @ emb[2] + 0.3
 
 
+
+def test_hf_backend_cutting_shared_padding_leaves_the_embedding_unchanged():
+    # The tower drops the padding columns every caption shares; the pooled output must equal that of the
+    # full-length call, computed here without the cut (the transformers model called directly).
+    enc = create_model("vilseg-tiny-minilm").eval().text_encoder
+    tok = enc.tokenizer(["a red circle", "a photo of a striped blue square on a grey background"])
+    ids, mask = tok["input_ids"], tok["attention_mask"]
+    assert mask.shape[1] > int(mask.sum(1).max())  # the tokenizer really padded past the longest caption
+    with torch.no_grad():
+        hidden = enc.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        m = mask.unsqueeze(-1).float()
+        reference = (hidden * m).sum(1) / m.sum(1)
+        out = enc(ids, mask)
+    torch.testing.assert_close(out, reference, rtol=0, atol=1e-5)
+
 def test_open_clip_backend_random_init_and_local_checkpoint(tmp_path):
     import json
 
