@@ -166,3 +166,15 @@ def test_fsspec_urls_are_accepted(tiny_shards):
     crop = MultiCrop(16, 8, n_global=1, n_local=0)
     stream = make_train_stream("memory://vilseg-test/shard-1.tar", _tokenizer, crop, 2, resampled=False)
     assert sum(len(b["keys"]) for b in stream) == 6
+
+
+def test_read_captions_reads_in_shard_order_and_skips_unreadable_samples(tiny_shards):
+    from vilseg.data.stream import read_captions
+
+    captions = read_captions(str(tiny_shards / "shard-{0..1}.tar"), 100)
+    # shard 0's six good captions, its bad image's caption (only the text is read), then shard 1's; no empty one
+    assert captions == [f"a red circle number {i}" for i in range(6)] + ["a blue square"] + [
+        f"a red circle number {i}" for i in range(6, 12)]
+    assert read_captions(str(tiny_shards / "shard-{0..1}.tar"), 3) == [f"a red circle number {i}" for i in range(3)]
+    with pytest.raises(FileNotFoundError, match="shard-9.tar"):
+        read_captions(str(tiny_shards / "shard-9.tar"), 3)

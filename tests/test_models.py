@@ -180,3 +180,42 @@ def test_identity_initialised_text_projection_starts_in_the_text_towers_space():
     with torch.no_grad():
         raw = torch.nn.functional.normalize(model.text_encoder(tok["input_ids"], tok["attention_mask"]), dim=-1)
     torch.testing.assert_close(model.encode_texts(["a navy box"]), raw)
+
+
+CAPTIONS = ["a red circle.", "a blue square and a green cross.", "two shapes: a yellow triangle and a red square.",
+            "a photo of a green circle.", "there is a blue cross in the picture.", "a yellow square on a background."]
+
+
+def test_text_subspace_keeps_training_captions_and_drops_directions_they_do_not_span(tmp_path):
+    model = create_model("vilseg-tiny").eval()
+    before = model.encode_texts(CAPTIONS)
+    k = model.fit_text_subspace(CAPTIONS, variance=1.0)
+    assert k == len(CAPTIONS) - 1 and model.config.text_subspace == k  # n centred points span n - 1 directions
+    assert model.text_basis.shape == (model.text_encoder.width, k)
+    # The captions it was fitted on lie in their own span: their embeddings do not change.
+    torch.testing.assert_close(model.encode_texts(CAPTIONS), before, atol=1e-5, rtol=1e-4)
+    # A feature direction orthogonal to that span is removed: it projects onto the captions' mean.
+    basis, mean = model.text_basis, model.text_mean
+    orthogonal = torch.randn(model.text_encoder.width)
+    orthogonal -= basis @ (basis.t() @ orthogonal)
+    torch.testing.assert_close(model.project_text_features(mean + orthogonal), mean, atol=1e-5, rtol=1e-4)
+    # Keeping less variance keeps fewer directions.
+    assert model.fit_text_subspace(CAPTIONS, variance=0.5) < k
+    with pytest.raises(ValueError, match="variance"):
+        model.fit_text_subspace(CAPTIONS, variance=0.0)
+    with pytest.raises(ValueError, match="at least 2"):
+        model.fit_text_subspace(["", "a red circle"])
+
+
+def test_text_subspace_survives_save_and_load(tmp_path):
+    model = create_model("vilseg-tiny").eval()
+    model.fit_text_subspace(CAPTIONS, variance=0.9)
+    model.save_pretrained(tmp_path / "m")
+    loaded = vilseg.ViLSeg.from_pretrained(tmp_path / "m").eval()
+    assert loaded.config.text_subspace == model.config.text_subspace > 0
+    torch.testing.assert_close(loaded.text_basis, model.text_basis)
+    torch.testing.assert_close(loaded.encode_texts(["a crimson disc"]), model.encode_texts(["a crimson disc"]))
+    # ... and it changes the embedding of text outside the training captions.
+    plain = create_model("vilseg-tiny").eval()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("text_")}, strict=False)
+    assert not torch.allclose(plain.encode_texts(["a crimson disc"]), model.encode_texts(["a crimson disc"]))

@@ -30,9 +30,13 @@ def _args(run_dir, shards, *extra):
 
 
 def test_train_main_runs_a_few_steps_and_exports(tmp_path, shards):
-    final = train.main(_args(tmp_path / "run", shards, "train.steps=3"))
+    final = train.main(_args(tmp_path / "run", shards, "train.steps=3", "train.text_subspace=0.9"))
     summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
     assert summary["steps"] == 3 and (final / "model.safetensors").is_file()
+    # train.text_subspace: the export fits the training captions' text subspace and saves it with the model
+    k = summary["text_subspace_dim"]
+    assert 0 < k < 96 and json.loads((final / "config.json").read_text())["text_subspace"] == k
+    assert load_file(str(final / "model.safetensors"))["text_basis"].shape[1] == k
     assert (tmp_path / "run" / "config.yaml").is_file()
     assert any((tmp_path / "run" / "logs").rglob("events.out.tfevents*"))  # TensorBoard via accelerate
     assert (tmp_path / "run" / "checkpoints" / "step_0000003").is_dir()

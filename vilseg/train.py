@@ -192,8 +192,13 @@ def make_accelerator(cfg, run_dir: Path):
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")))
 
 
-def export(accelerator, model, run_dir: Path, state: TrainState, summary: dict) -> Path:
-    """Writes the final model (safetensors + config) and train_summary.json; returns the model directory."""
+def export(accelerator, model, run_dir: Path, state: TrainState, summary: dict, cfg=None) -> Path:
+    """Writes the final model (safetensors + config) and train_summary.json; returns the model directory.
+
+    With ``train.text_subspace`` the exported model first gets its training-caption text subspace
+    (:meth:`~vilseg.ViLSeg.fit_text_subspace`, fitted on the first ``train.text_subspace_captions`` captions of
+    ``data.shards``).
+    """
     from accelerate.utils import gather_object
 
     skipped = Counter()
@@ -201,6 +206,12 @@ def export(accelerator, model, run_dir: Path, state: TrainState, summary: dict) 
         skipped.update(counts)
     final_dir = run_dir / "final"
     if accelerator.is_main_process:
+        if cfg is not None and cfg.train.text_subspace:
+            from .data.stream import read_captions
+
+            k = model.fit_text_subspace(read_captions(cfg.data.shards, cfg.train.text_subspace_captions),
+                                        variance=cfg.train.text_subspace)
+            summary = {**summary, "text_subspace_dim": k}
         model.save_pretrained(final_dir)
         summary = {"steps": state.step, **summary, "processes": accelerator.num_processes,
                    "distributed_type": str(accelerator.distributed_type), "skipped_samples": dict(skipped),
@@ -285,7 +296,7 @@ def main(argv: list[str] | None = None) -> Path:
     save_checkpoint(accelerator, run_dir, state, scheduler, teacher, cfg.train.keep_checkpoints)
     final_dir = export(accelerator, unwrapped, run_dir, state, {
         "steps_this_session": state.step - start_step, "seconds": round(elapsed, 1),
-        "images_per_second_per_process": round(images_seen / max(elapsed, 1e-9), 2)})
+        "images_per_second_per_process": round(images_seen / max(elapsed, 1e-9), 2)}, cfg)
     accelerator.end_training()
     return final_dir
 

@@ -217,6 +217,33 @@ def collate(samples: list[dict]) -> dict:
     return batch
 
 
+def read_captions(shards, n: int) -> list[str]:
+    """The first ``n`` readable captions of a shard set, in shard order (one deterministic pass, no shuffling).
+
+    Used to fit the text subspace of a trained model (``ViLSeg.fit_text_subspace``); every process reads the same
+    captions, so every process fits the same subspace. Unreadable samples and shards are skipped.
+    """
+    import webdataset as wds
+
+    rng = np.random.default_rng(0)  # for samples that hold several captions
+    captions: list[str] = []
+    skip_log = SkipLog()
+    pipeline = wds.DataPipeline(wds.SimpleShardList(expand_urls(shards)),
+                                wds.tarfile_to_samples(handler=skip_log.tar_handler))
+    for sample in pipeline:
+        try:
+            caption = _decode_caption(sample, rng)
+        except (KeyError, UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        if caption:
+            captions.append(caption)
+        if len(captions) >= n:
+            break
+    if not captions:
+        raise ValueError(f"no readable caption in data.shards={shards!r}")
+    return captions
+
+
 def make_train_stream(shards, tokenizer, crop, batch_size: int, seed: int = 0, resampled: bool = True,
                       shuffle_buffer: int = 1000, swap_groups=None, swap_exclude=()):
     """Builds the training ``wds.DataPipeline`` (an IterableDataset yielding collated batches).

@@ -33,13 +33,15 @@ class ViLSeg(nn.Module):
         n_clusters: C.
         cluster_hidden: hidden width of the clustering head.
         init_logit_scale: initial log of the cross-modal logit scale.
-        text_proj: "linear" or "identity" (locked text space).
+        text_proj: "linear", "linear_identity_init" or "identity" (locked text space).
+        text_subspace: k > 0 allocates the buffers of a fitted training-caption subspace (see
+            :meth:`fit_text_subspace`); 0 for none.
         config: the :class:`ModelConfig` that built this model (saved with the weights).
     """
 
     def __init__(self, image_encoder: ImageEncoder, text_encoder: nn.Module, embed_dim: int, vision_dim: int,
                  vision_hidden: int, n_clusters: int, cluster_hidden: int, init_logit_scale: float,
-                 config: ModelConfig | None = None, text_proj: str = "linear"):
+                 config: ModelConfig | None = None, text_proj: str = "linear", text_subspace: int = 0):
         super().__init__()
         self.image_encoder = image_encoder
         self.text_encoder = text_encoder
@@ -65,6 +67,10 @@ class ViLSeg(nn.Module):
         self.cluster_head = ClusterHead(width, cluster_hidden, n_clusters)
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
         self.config = config
+        # Training-caption subspace of the text features (None until fitted; None buffers are not in state_dict).
+        k = int(text_subspace)
+        self.register_buffer("text_mean", torch.zeros(text_encoder.width) if k else None)
+        self.register_buffer("text_basis", torch.zeros(text_encoder.width, k) if k else None)
 
     @property
     def tokenizer(self):
@@ -78,7 +84,62 @@ class ViLSeg(nn.Module):
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """[B, L] tokens -> [B, E] L2-normalised joint-space text embeddings."""
-        return F.normalize(self.text_proj(self.text_encoder(input_ids, attention_mask)), dim=-1)
+        return F.normalize(self.text_proj(self.project_text_features(self.text_encoder(input_ids, attention_mask))),
+                           dim=-1)
+
+    def project_text_features(self, feats: torch.Tensor) -> torch.Tensor:
+        """Text-tower features -> their projection onto the fitted training-caption subspace (identity if none).
+
+        ``t' = mu + U U^T (t - mu)``, with mu the mean and U [W, k] the top-k principal directions of the training
+        captions' features. See :meth:`fit_text_subspace`.
+        """
+        if self.text_basis is None:
+            return feats
+        basis = self.text_basis.to(feats.dtype)
+        centred = feats - self.text_mean.to(feats.dtype)
+        return self.text_mean.to(feats.dtype) + (centred @ basis) @ basis.t()
+
+    @torch.no_grad()
+    def fit_text_subspace(self, texts: list[str], variance: float = 0.95, batch_size: int = 256) -> int:
+        """Fits the subspace that text features are projected onto before ``text_proj``; returns its dimension k.
+
+        The text projection is trained only on the directions the training captions span. Any other direction
+        of a query (a word training never used, such as a synonym) meets weights that received no gradient and
+        still hold their random initialisation, which scrambles the query. Projecting features onto the span of
+        the training captions' features first (the smallest k principal directions that explain ``variance`` of
+        their variance, around their mean) drops that untrained part and keeps what the query shares with the
+        training vocabulary. With a web-scale caption set the subspace is close to the full space and this is
+        nearly a no-op; with a narrow vocabulary it matters (docs/results.md, fifth session).
+
+        Args:
+            texts: training captions (a few thousand suffice).
+            variance: fraction of the captions' feature variance the subspace keeps, in (0, 1].
+            batch_size: captions encoded at a time.
+        """
+        if not 0 < variance <= 1:
+            raise ValueError(f"variance must be in (0, 1], got {variance!r}")
+        texts = [t for t in texts if isinstance(t, str) and t.strip()]
+        if len(texts) < 2:
+            raise ValueError(f"fit_text_subspace needs at least 2 non-empty captions, got {len(texts)}")
+        device = self.logit_scale.device
+        was_training = self.text_encoder.training
+        self.text_encoder.eval()
+        feats = []
+        for i in range(0, len(texts), batch_size):
+            tokens = {k: v.to(device) for k, v in self.tokenizer(texts[i:i + batch_size]).items()}
+            feats.append(self.text_encoder(tokens["input_ids"], tokens.get("attention_mask")).double())
+        self.text_encoder.train(was_training)
+        feats = torch.cat(feats)
+        mean = feats.mean(0)
+        _, sv, vh = torch.linalg.svd(feats - mean, full_matrices=False)
+        energy = (sv ** 2).cumsum(0) / (sv ** 2).sum().clamp_min(1e-30)
+        k = int(torch.searchsorted(energy, torch.tensor(variance, dtype=energy.dtype) - 1e-12).item()) + 1
+        k = min(k, vh.shape[0])
+        self.text_mean = mean.float()
+        self.text_basis = vh[:k].t().float().contiguous()
+        if self.config is not None:
+            self.config = dataclasses.replace(self.config, text_subspace=k)
+        return k
 
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
         """Tokenises and encodes raw strings; [len(texts), E] normalised."""
@@ -178,5 +239,5 @@ def build_vilseg(cfg: ModelConfig, text_asset_dir=None) -> ViLSeg:
         text_encoder=build_text_encoder(cfg.text, asset_dir=text_asset_dir),
         embed_dim=cfg.embed_dim, vision_dim=cfg.vision_dim, vision_hidden=cfg.vision_hidden,
         n_clusters=cfg.n_clusters, cluster_hidden=cfg.cluster_hidden, init_logit_scale=cfg.init_logit_scale,
-        config=cfg, text_proj=cfg.text_proj,
+        config=cfg, text_proj=cfg.text_proj, text_subspace=cfg.text_subspace,
     )
