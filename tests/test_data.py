@@ -50,6 +50,44 @@ def test_multicrop_records_boxes_and_flips_that_reproduce_the_crop():
         torch.testing.assert_close(view, ref.flip(-1) if flip else ref)
 
 
+def test_ssl_colour_jitter_spares_the_caption_view_and_distorts_the_others():
+    image = Image.new("RGB", (64, 64), (200, 30, 30))  # uniform red: every crop of it is the same red
+    plain = MultiCrop(32, 16, n_global=2, n_local=2, flip_p=0.0, mean=(0, 0, 0), std=(1, 1, 1))
+    grey = MultiCrop(32, 16, n_global=2, n_local=2, flip_p=0.0, mean=(0, 0, 0), std=(1, 1, 1),
+                     ssl_colour={"p": 0.0, "grayscale_p": 1.0})
+    hue = MultiCrop(32, 16, n_global=2, n_local=2, flip_p=0.0, mean=(0, 0, 0), std=(1, 1, 1),
+                    ssl_colour={"p": 1.0, "hue": 0.5, "brightness": 0.0, "saturation": 0.0})
+    (p_views, p_boxes, _), (g_views, g_boxes, _), (h_views, h_boxes, _) = (
+        c(image, np.random.default_rng(3)) for c in (plain, grey, hue))
+    # view 0 is paired with the caption: same box, same pixels, true colours
+    torch.testing.assert_close(g_views[0], p_views[0])
+    torch.testing.assert_close(h_views[0], p_views[0])
+    torch.testing.assert_close(g_boxes[:2], p_boxes[:2])
+    torch.testing.assert_close(h_boxes[:2], p_boxes[:2])
+    assert (p_views[0][0] - p_views[0][1]).abs().max() > 0.1  # the source has colour
+    for view in g_views[1:]:  # every other view is grey
+        torch.testing.assert_close(view[0], view[1], atol=1e-2, rtol=0)
+        torch.testing.assert_close(view[1], view[2], atol=1e-2, rtol=0)
+    shifts = [(h - p).abs().mean().item() for h, p in zip(h_views[1:], p_views[1:])]
+    assert max(shifts) > 0.1, shifts  # the hue of the other views moved away from red
+    # p = 0 and grayscale_p = 0 (the default) leave every view and box as without the option
+    off = MultiCrop(32, 16, n_global=2, n_local=2, flip_p=0.0, mean=(0, 0, 0), std=(1, 1, 1),
+                    ssl_colour={"p": 0.0, "grayscale_p": 0.0})
+    o_views, o_boxes, _ = off(image, np.random.default_rng(3))
+    torch.testing.assert_close(o_boxes, p_boxes)
+    for a, b in zip(o_views, p_views):
+        torch.testing.assert_close(a, b)
+
+
+def test_ssl_colour_rejects_unknown_keys_and_bad_values():
+    with pytest.raises(KeyError, match="hu"):
+        MultiCrop(16, 8, ssl_colour={"hu": 0.2})
+    with pytest.raises(ValueError, match="hue"):
+        MultiCrop(16, 8, ssl_colour={"hue": 0.7})
+    with pytest.raises(ValueError, match="grayscale_p"):
+        MultiCrop(16, 8, ssl_colour={"grayscale_p": 2})
+
+
 def _png_bytes(rng, size=32):
     buf = io.BytesIO()
     Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, format="PNG")

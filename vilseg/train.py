@@ -101,7 +101,7 @@ def build_loader(cfg, model):
     global_size = cfg.data.global_size or image_cfg.img_size
     local_size = cfg.data.local_size or global_size // 2
     crop = MultiCrop(global_size, local_size, cfg.data.n_global, cfg.data.n_local, cfg.data.global_scale,
-                     cfg.data.local_scale, cfg.data.flip_p, image_cfg.mean, image_cfg.std)
+                     cfg.data.local_scale, cfg.data.flip_p, image_cfg.mean, image_cfg.std, dict(cfg.data.ssl_colour))
     if cfg.data.shards is None:
         raise ValueError("data.shards is not set: give a shard pattern, e.g. data.shards='data/train-{000..009}.tar'")
     stream = make_train_stream(cfg.data.shards, model.tokenizer, crop, cfg.data.batch_size, seed=cfg.run.seed,
