@@ -44,6 +44,21 @@ def test_tiny_model_shapes_finite_and_every_trainable_parameter_gets_gradient(na
         assert all(p.grad is None for p in model.text_encoder.parameters())
 
 
+@pytest.mark.parametrize("detach", [False, True])
+def test_clu_detach_keeps_the_clustering_gradient_out_of_the_image_encoder(detach):
+    torch.manual_seed(0)
+    model = create_model("vilseg-tiny")
+    views, tokens, boxes, flips = _batch(model)
+    objective = ViLSegObjective({"clu": 1.0}, align_size=4, clu_detach=detach)
+    out = model(views, vision=False, n_cluster_views=2, detach_cluster_input=objective.clu_detach)
+    objective(out, None, boxes, flips)["loss"].backward()
+    head = [p.grad for p in model.cluster_head.parameters()]
+    encoder = [p.grad for p in model.image_encoder.parameters() if p.requires_grad]
+    assert all(g is not None and g.abs().sum() > 0 for g in head)
+    reached = [g is not None and bool(g.abs().sum() > 0) for g in encoder]
+    assert not any(reached) if detach else any(reached)
+
+
 def test_dense_api_shapes_and_token_map_helper():
     model = create_model("vilseg-tiny").eval()
     dense = model.dense_embeddings(torch.randn(2, 3, 32, 48))  # non-square: position embeddings are resampled

@@ -18,13 +18,16 @@ class ViLSegObjective(nn.Module):
         vis_temperature: tau_v of the vision contrast.
         iic_lambda: IIC's entropy weight lambda.
         align_size: side of the RoIAligned overlap grid the IIC pairs are sampled on.
+        clu_detach: the clustering term trains the clustering head only (its input patch tokens are detached),
+            so it cannot reshape the encoder.
     """
 
     TERMS = ("xm", "vis", "clu")
 
     def __init__(self, weights: dict[str, float], vis_temperature: float = 0.1, iic_lambda: float = 1.0,
-                 align_size: int = 8):
+                 align_size: int = 8, clu_detach: bool = False):
         super().__init__()
+        self.clu_detach = bool(clu_detach)
         unknown = sorted(set(weights) - set(self.TERMS))
         if unknown:
             raise KeyError(f"loss.weights has unknown term(s) {unknown}; known terms: {list(self.TERMS)}")

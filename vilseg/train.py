@@ -64,7 +64,8 @@ def build_model(cfg):
 
 def build_objective(cfg) -> ViLSegObjective:
     return ViLSegObjective(dict(cfg.loss.weights), vis_temperature=cfg.loss.vis_temperature,
-                           iic_lambda=cfg.loss.iic_lambda, align_size=cfg.loss.align_size)
+                           iic_lambda=cfg.loss.iic_lambda, align_size=cfg.loss.align_size,
+                           clu_detach=cfg.loss.clu_detach)
 
 
 def build_optimizer(model: nn.Module, cfg):
@@ -134,7 +135,8 @@ def training_step(model, teacher, objective, batch, n_global: int) -> dict:
     if "neg_input_ids" in batch:
         ids = torch.cat([ids, batch["neg_input_ids"]])
         mask = torch.cat([mask, batch["neg_attention_mask"]])
-    out = model(batch["views"], ids, mask, vision=objective.needs_teacher, n_cluster_views=objective.n_cluster_views)
+    out = model(batch["views"], ids, mask, vision=objective.needs_teacher, n_cluster_views=objective.n_cluster_views,
+                detach_cluster_input=objective.clu_detach)
     teacher_embed = teacher(batch["views"][:n_global]) if teacher is not None else None
     return objective(out, teacher_embed, batch["boxes"], batch["flips"], batch.get("has_neg"))
 

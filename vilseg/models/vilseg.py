@@ -165,7 +165,7 @@ class ViLSeg(nn.Module):
 
     def forward(self, views: list[torch.Tensor], input_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, vision: bool = True, n_cluster_views: int = 0,
-                patch_masks: list[torch.Tensor | None] | None = None) -> dict:
+                patch_masks: list[torch.Tensor | None] | None = None, detach_cluster_input: bool = False) -> dict:
         """Training view: embeddings for every augmented view of a batch.
 
         Args:
@@ -175,6 +175,8 @@ class ViLSeg(nn.Module):
             vision: also return the vision-head embedding of every view.
             n_cluster_views: return cluster logits for the first this-many views.
             patch_masks: optional per-view [B, h, w] bool masks.
+            detach_cluster_input: the clustering head sees detached patch tokens, so the clustering loss trains the
+                head only and never the encoder.
 
         Returns:
             dict: ``image_embed`` [B, E] (view 0), ``text_embed`` [B, E], ``vision_embed`` list of [B, P],
@@ -188,8 +190,9 @@ class ViLSeg(nn.Module):
             out["text_embed"] = self.encode_text(input_ids, attention_mask)
         if vision:
             out["vision_embed"] = [F.normalize(self.vision_head(f.global_token), dim=-1) for f in feats]
-        out["cluster_logits"] = [tokens_to_map(self.cluster_head(f.patch_tokens), f.grid)
-                                 for f in feats[:n_cluster_views]]
+        out["cluster_logits"] = [
+            tokens_to_map(self.cluster_head(f.patch_tokens.detach() if detach_cluster_input else f.patch_tokens), f.grid)
+            for f in feats[:n_cluster_views]]
         return out
 
     # ------------------------------------------------------------------ checkpoints
