@@ -108,6 +108,41 @@ def test_reencoded_segments_are_free_of_their_neighbours_context():
         Segmenter(ContextModel(), queries=queries, readout="dense", region="reencode")
 
 
+class OutlineModel(ColourModel):
+    """Patch embeddings know only colour; the global embedding knows only the outline of what is saturated in the
+    image: wider than tall, or taller than wide (a stand-in for shape, which a ViT's average-pooled global embedding
+    learns from captions while its patch embeddings do not)."""
+
+    def dense_embeddings(self, images):
+        onehot = self._onehot(images)
+        fg = onehot[:, :3].sum(1) > 0  # [B, h, w] saturated patches
+        rows, cols = fg.any(2).sum(1), fg.any(1).sum(1)
+        outline = torch.stack([(cols > rows).float(), (rows > cols).float()], 1)  # [B, 2]: wide, tall
+        return {"patch_embed": F.pad(onehot, (0, 0, 0, 0, 0, 2)), "cluster_probs": onehot,
+                "image_embed": F.pad(outline, (4, 0))}
+
+    def encode_texts(self, texts):
+        out = torch.zeros(len(texts), 6)
+        for i, t in enumerate(texts):
+            out[i, 4 if "wide" in t else 5] = 1
+        return F.normalize(out + 1e-3, dim=-1)
+
+
+def test_reencode_global_names_each_segment_by_its_own_outline():
+    img = np.full((32, 48, 3), 128, np.uint8)
+    img[0:8, 0:32] = (255, 0, 0)  # a wide red bar (1 x 4 patches)
+    img[0:32, 40:48] = (255, 0, 0)  # a tall red bar (4 x 1 patches), not touching the first
+    queries = ["wide thing", "tall thing"]
+    res = Segmenter(OutlineModel(), queries=queries, bg_threshold=0.4, input_size=32,
+                    region="reencode_global").segment(img)
+    assert (res.labels[0:6, 0:30] == 1).all() and (res.labels[2:30, 42:48] == 2).all()
+    assert (res.labels[12:32, 0:32] == 0).all()  # the grey background re-encodes to nothing: below threshold
+    assert abs(res.scores["wide thing"] - 0.7071) < 1e-3 and abs(res.scores["tall thing"] - 0.7071) < 1e-3
+    # the same segments named by their re-encoded *patch* embeddings see only red: neither outline, all background
+    res = Segmenter(OutlineModel(), queries=queries, bg_threshold=0.4, input_size=32, region="reencode").segment(img)
+    assert (res.labels == 0).all()
+
+
 def test_aliases_take_the_max_and_overlay_png(tmp_path):
     seg = Segmenter(ColourModel(), queries={"warm": ["red thing", "green thing"], "cold": ["blue thing"]},
                     bg_threshold=0.4, input_size=32)

@@ -63,7 +63,7 @@ def evaluate_model(model_dir: Path, data_dir: Path, out: Path, readout: str, n_o
     seg = Segmenter.from_pretrained(model_dir, queries=names, readout=readout, refine=refine, region=region)
     threshold, sweep = ev.calibrate_threshold(ev.class_scores(seg, calib), n_classes)
     seg.bg_threshold = threshold
-    name = readout + ("+refine" if refine else "") + ("+reencode" if region == "reencode" else "")
+    name = readout + ("+refine" if refine else "") + ("" if region == "pool" else "+" + region)
     report = {"readout": name, "bg_threshold": threshold,
               "calibration_sweep": sweep}
     per_query = {}
@@ -161,9 +161,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--refine", action=argparse.BooleanOptionalAction, default=True,
                         help="cluster read-out: split clusters where the per-patch best query changes "
                              "(default on; --no-refine for the paper's clusters)")
-    parser.add_argument("--region", choices=("pool", "reencode"), default="reencode",
-                        help="cluster read-out: segment embedding by re-encoding the segment alone (default) or by "
-                             "pooling patch embeddings (the paper)")
+    parser.add_argument("--region", choices=("pool", "reencode", "reencode_global"), default="reencode",
+                        help="cluster read-out: segment embedding by re-encoding the segment alone and pooling its "
+                             "patch embeddings (default) or taking its global embedding, or by pooling patch "
+                             "embeddings (the paper)")
     parser.add_argument("--skip-train", action="store_true", help="reuse OUT/train/final")
     parser.add_argument("overrides", nargs="*", help="key=value training-config overrides")
     args = parser.parse_args(argv)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 DEFAULT_TEMPLATES = ("a photo of a {}.", "a {}.", "an image of a {}.", "a picture with a {}.")
+REGIONS = ("pool", "reencode", "reencode_global")
 
 
 @dataclass
@@ -117,6 +118,10 @@ class Segmenter:
             outside the segment set to the normalisation mean, and the re-encoded patch embeddings are pooled over
             the segment: the segment's features then come from the segment alone, not from neighbouring objects
             seen through attention. Costs one extra forward pass per segment (batched per image).
+            ``"reencode_global"``: the same re-encoding, but the segment is named by the re-encoded image's *global*
+            embedding. With average pooling, the global embedding is the one the captions trained; the blanked
+            patches around the segment attend to it and carry its outline, so this embedding names shape where the
+            segment's own patch embeddings do not (docs/results.md, seventh session).
         center_queries: subtract the mean of the vocabulary's name embeddings before normalising (needs >= 2 names).
             Captions share a large common component (template, wording), and regions no caption describes
             (background) drift towards it; centring removes it so that they score near 0 for every name.
@@ -130,10 +135,10 @@ class Segmenter:
                  refine: bool = False, region: str = "pool", reencode_batch: int = 64):
         if readout not in ("cluster", "dense"):
             raise ValueError(f"readout must be 'cluster' or 'dense', got {readout!r}")
-        if region not in ("pool", "reencode"):
-            raise ValueError(f"region must be 'pool' or 'reencode', got {region!r}")
-        if region == "reencode" and (readout != "cluster" or context):
-            raise ValueError("region='reencode' needs readout='cluster' and context=0 (it replaces context pooling)")
+        if region not in REGIONS:
+            raise ValueError(f"region must be one of {REGIONS}, got {region!r}")
+        if region != "pool" and (readout != "cluster" or context):
+            raise ValueError(f"region={region!r} needs readout='cluster' and context=0 (it replaces context pooling)")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.to(self.device).eval()
         self.templates = tuple(templates)
@@ -204,7 +209,7 @@ class Segmenter:
         seg = connected_components(clusters) if self.split_components else clusters
         uid = (seg + torch.arange(b, device=seg.device).view(b, 1, 1) * (h * w + dense["cluster_probs"].shape[1]))
         uniq, inverse = torch.unique(uid.flatten(), return_inverse=True)
-        if self.region == "reencode":
+        if self.region != "pool":
             pooled = self._reencode_pool(images, inverse.view(b, h, w), torch.zeros(len(uniq), e, device=emb.device))
         elif self.context > 0:
             pooled = self._context_pool(inverse.view(b, h, w), len(uniq), emb)
@@ -215,15 +220,19 @@ class Segmenter:
 
     def _reencode_pool(self, images: torch.Tensor, ids: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] normalised images, [B, h, w] segment ids (0..n-1, unique across the batch), [n, E] zeros ->
-        [n, E] sums of the patch embeddings of each segment's own re-encoding (everything outside it blanked)."""
+        [n, E] sums of the patch embeddings of each segment's own re-encoding (everything outside it blanked), or
+        for ``region="reencode_global"`` that re-encoding's global embedding."""
         p = self.patch
         for i in range(ids.shape[0]):
             segs = torch.unique(ids[i])
             for chunk in segs.split(self.reencode_batch):
                 masks = (ids[i][None] == chunk[:, None, None]).float()  # [S, h, w]
                 pixels = masks.repeat_interleave(p, 1).repeat_interleave(p, 2)[:, None]  # [S, 1, H, W]
-                emb = self.model.dense_embeddings(images[i:i + 1] * pixels)["patch_embed"]  # [S, E, h, w]
-                pooled[chunk] = torch.einsum("shw,sehw->se", masks, emb)
+                out = self.model.dense_embeddings(images[i:i + 1] * pixels)
+                if self.region == "reencode_global":
+                    pooled[chunk] = out["image_embed"]  # [S, E]
+                else:
+                    pooled[chunk] = torch.einsum("shw,sehw->se", masks, out["patch_embed"])  # [S, E, h, w] -> [S, E]
         return pooled
 
     def _context_pool(self, ids: torch.Tensor, n: int, emb: torch.Tensor) -> torch.Tensor:
@@ -294,8 +303,9 @@ def cli(argv: list[str] | None = None) -> None:
     parser.add_argument("--readout", choices=("cluster", "dense"), default="cluster")
     parser.add_argument("--refine", action="store_true",
                         help="cluster read-out: split clusters where the per-patch best query changes")
-    parser.add_argument("--region", choices=("pool", "reencode"), default="pool",
-                        help="cluster read-out: pool patch embeddings per segment, or re-encode each segment alone")
+    parser.add_argument("--region", choices=REGIONS, default="pool",
+                        help="cluster read-out: pool patch embeddings per segment, or re-encode each segment alone "
+                             "(pooling its patch embeddings, or taking the global embedding)")
     args = parser.parse_args(argv)
     import json
 

@@ -5,7 +5,8 @@ threshold) with the canonical and the synonym vocabulary and prints the fraction
 right. Chance is 1/16 for the class and 1/4 for colour or shape.
 
     python docs/diagnostics/naming_accuracy.py runs/ts_full/train/final dense
-    python docs/diagnostics/naming_accuracy.py runs/ts_full/train/final rr    # the demo read-out
+    python docs/diagnostics/naming_accuracy.py runs/ts_full/train/final rr    # refined clusters, re-encoded
+    python docs/diagnostics/naming_accuracy.py runs/cd_full/train/final rg    # ... named by the global embedding
 """
 import sys
 
@@ -17,7 +18,9 @@ from vilseg.segment import Segmenter
 
 
 def main(model: str, readout: str, data: str = "data/demo") -> None:
-    kwargs = dict(readout="cluster", refine=True, region="reencode") if readout == "rr" else dict(readout=readout)
+    regions = {"rr": "reencode", "rg": "reencode_global"}
+    kwargs = (dict(readout="cluster", refine=True, region=regions[readout]) if readout in regions
+              else dict(readout=readout))
     items, meta = ev.load_split(f"{data}/eval")
     names = meta["classes"][1:]
     colour = [n.split()[0] for n in names]
