@@ -15,7 +15,7 @@ def test_demo_writes_metrics_for_seen_and_held_out_queries_and_overlays(tmp_path
                         "--out", str(tmp_path / "out")])
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["seen_queries_miou"] == report["seen_queries_miou"]
-    assert metrics["readout"] == "cluster+refine+reencode"  # the default read-out
+    assert metrics["readout"] == "cluster+reencode_global"  # the default read-out
     for vocab in ("canonical", "synonym"):
         assert len(metrics[vocab]["per_class_iou"]) == 17  # background + 16 colour-shape classes
     held = [q for q in metrics["per_query_iou"].values() if q["held_out"]]
