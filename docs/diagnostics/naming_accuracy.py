@@ -7,6 +7,7 @@ right. Chance is 1/16 for the class and 1/4 for colour or shape.
     python docs/diagnostics/naming_accuracy.py runs/ts_full/train/final dense
     python docs/diagnostics/naming_accuracy.py runs/ts_full/train/final rr    # refined clusters, re-encoded
     python docs/diagnostics/naming_accuracy.py runs/cd_full/train/final rg    # ... named by the global embedding
+    python docs/diagnostics/naming_accuracy.py runs/cd_full/train/final g     # the paper's clusters, global (demo)
 """
 import sys
 
@@ -20,6 +21,7 @@ from vilseg.segment import Segmenter
 def main(model: str, readout: str, data: str = "data/demo") -> None:
     regions = {"rr": "reencode", "rg": "reencode_global"}
     kwargs = (dict(readout="cluster", refine=True, region=regions[readout]) if readout in regions
+              else dict(readout="cluster", refine=False, region="reencode_global") if readout == "g"
               else dict(readout=readout))
     items, meta = ev.load_split(f"{data}/eval")
     names = meta["classes"][1:]
