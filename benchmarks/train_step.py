@@ -136,12 +136,12 @@ def main(argv=None) -> dict:
     print(json.dumps(results, indent=1))
     if device.type == "cuda":
         print(f"MFU (vs {args.peak_tflops:.0f} TFLOP/s peak)  clip {results['clip']['mfu']:.1%}   full "
-              f"{results['full']['mfu']:.1%}   full_detach {results['full_detach']['mfu']:.1%}   (measured bf16 matmul: {results['measured_bf16_matmul_tflops']:.0f} "
-              f"TFLOP/s)")
+              f"{results['full']['mfu']:.1%}   full_detach {results['full_detach']['mfu']:.1%}   "
+              f"(measured bf16 matmul: {results['measured_bf16_matmul_tflops']:.0f} TFLOP/s)")
     print(f"images/s  clip {results['clip']['images_per_second']:.1f}   full ViL-Seg "
           f"{results['full']['images_per_second']:.1f}   full step takes {results['full_over_clip_time_ratio']:.2f}x "
-          f"the CLIP step; with the clustering head detached (the demo) {results['full_detach']['images_per_second']:.1f}, "
-          f"{results['full_detach_over_clip_time_ratio']:.2f}x")
+          f"the CLIP step; with the clustering head detached (the demo) "
+          f"{results['full_detach']['images_per_second']:.1f}, {results['full_detach_over_clip_time_ratio']:.2f}x")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from . import evaluate as ev
+from .segment import REGIONS
 
 
 def prepare_data(data_dir: Path, n_train: int, n_eval: int, image_size: int) -> str:
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--refine", action=argparse.BooleanOptionalAction, default=False,
                         help="cluster read-out: split clusters where the per-patch best query changes "
                              "(default off: the paper's clusters)")
-    parser.add_argument("--region", choices=("pool", "reencode", "reencode_global"), default="reencode_global",
+    parser.add_argument("--region", choices=REGIONS, default="reencode_global",
                         help="cluster read-out: segment embedding by re-encoding the segment alone and taking its "
                              "global embedding (default) or pooling its patch embeddings, or by pooling the patch "
                              "embeddings of the whole image (the paper)")
