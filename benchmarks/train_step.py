@@ -1,63 +1,90 @@
-"""Images/s of the full ViL-Seg training step against a plain CLIP step, side by side in one run.
+"""Time, FLOPs and peak memory of one training step per objective set, against a plain CLIP step, in one run.
 
-Both steps use the same model (encoders and heads), batch size, precision, optimizer (AdamW) and input resolution;
-the data pipeline is excluded (batches are pre-built tensors) so the numbers are the model step alone.
-  full: 2 global + n_local local views; cross-modal + vision contrast (EMA teacher forward + update) + IIC.
-  full_detach: the same, with the clustering head on detached patch tokens (``loss.clu_detach``, the demo's step).
-  clip: 1 view; cross-modal contrast only.
-FLOPs of one step (forward + backward) are counted with torch.utils.flop_counter; on CUDA, model FLOPs
-utilisation (MFU) is reported against --peak-tflops (H100 SXM dense bf16: 989).
+Every set uses the same model, batch size, precision, optimizer (AdamW) and input resolution; the data pipeline is
+excluded (batches are pre-built tensors), and a frozen text tower's features come from the text-feature cache
+(warmed once, as training has them after a caption's first sighting), so the numbers are the model step alone.
+FLOPs of one step (forward + backward) are counted with torch.utils.flop_counter. Each set runs in a fresh
+subprocess, so its peak memory is its own: peak resident memory on CPU, peak allocated memory on CUDA. On CUDA, model
+FLOPs utilisation is reported against the measured bf16 matmul rate (and --peak-tflops).
 
-    python benchmarks/train_step.py --model vilseg-demo --batch 64 --steps 20
-    python benchmarks/train_step.py --model vilseg-vit-s16-minilm --batch 128 --precision bf16 --device cuda
+    python benchmarks/train_step.py --model vilseg-demo --batch 64 --steps 20 --out benchmarks/results/train_step_cpu.json
+    python benchmarks/train_step.py --model vilseg-vit-b16 --batch 128 --precision bf16 --device cuda
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
+import multiprocessing as mp
 import platform
+import resource
 import time
 
+import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from vilseg.models import create_model
-from vilseg.objectives import EMATeacher, ViLSegObjective
+OBJECTIVE_SETS = {  # name -> objectives config; "clip" is the baseline every ratio is taken against
+    "clip": {"xm": {}},
+    "vilseg": {"xm": {}, "vis": {"weight": 0.5, "dim": 128, "hidden": 256}, "clu": {"detach": True}},
+    "mmc": {"mim": {}, "msd": {}, "gc": {}},
+    "mmc+vilseg": {"xm": {}, "vis": {"weight": 0.5, "dim": 128, "hidden": 256}, "clu": {"detach": True},
+                   "mim": {}, "msd": {}, "gc": {}},
+}
 
 
-def make_batch(model, batch: int, n_local: int, device):
-    size = model.config.image.img_size
-    views = [torch.randn(batch, 3, size, size, device=device) for _ in range(2)]
+def make_batch(model, batch: int, n_global: int, n_local: int, device, negatives: bool = False) -> dict:
+    from vilseg.data.masking import BlockMasking
+
+    size, patch = model.config.image.img_size, model.config.image.patch_size
+    views = [torch.randn(batch, 3, size, size, device=device) for _ in range(n_global)]
     views += [torch.randn(batch, 3, size // 2, size // 2, device=device) for _ in range(n_local)]
-    captions = [f"a photo of a red circle and a blue square number {i}" for i in range(batch)]
-    tokens = {k: v.to(device) for k, v in model.tokenizer(captions).items()}
-    boxes = torch.tensor([[0.0, 0.0, 0.8, 0.8], [0.2, 0.2, 1.0, 1.0]] + [[0.1, 0.1, 0.4, 0.4]] * n_local,
+    boxes = torch.tensor([[0.0, 0.0, 0.8, 0.8], [0.2, 0.2, 1.0, 1.0]][:n_global] + [[0.1, 0.1, 0.4, 0.4]] * n_local,
                          device=device).expand(batch, -1, -1)
-    flips = torch.zeros(batch, 2 + n_local, dtype=torch.bool, device=device)
-    return views, tokens, boxes, flips
+    masking, rng = BlockMasking((size // patch, size // patch)), np.random.default_rng(0)
+    masks = torch.from_numpy(np.stack([[masking(rng) for _ in range(n_global)] for _ in range(batch)])).to(device)
+    out = {"views": views, "boxes": boxes, "flips": torch.zeros(batch, n_global + n_local, dtype=torch.bool,
+                                                                device=device),
+           "captions": [f"a photo of a red circle and a blue square number {i}" for i in range(batch)], "masks": masks}
+    if negatives:  # as the demo's hard negatives: one word swapped
+        out["neg_captions"] = [c.replace("red", "green") for c in out["captions"]]
+        out["has_neg"] = torch.ones(batch, dtype=torch.bool, device=device)
+    return out
 
 
-def make_step(model, kind: str, batch, autocast):
-    views, tokens, boxes, flips = batch
-    full = kind.startswith("full")
-    weights = {"xm": 1.0, "vis": 0.5, "clu": 1.0} if full else {"xm": 1.0}
-    objective = ViLSegObjective(weights, clu_detach=kind == "full_detach")
-    teacher = EMATeacher(model.image_encoder, model.vision_head) if full else None
-    step_views = views if full else views[:1]
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+def make_step(name: str, args, device):
+    from vilseg.models import create_model
+    from vilseg.objectives import EMATeacher, Learner, build_objectives
+    from vilseg.stage import freeze_unused
+    from vilseg.text_cache import TextFeatureCache
+
+    torch.manual_seed(0)
+    model = create_model(args.model).to(device).train()
+    objectives, weights = build_objectives(OBJECTIVE_SETS[name], model)
+    freeze_unused(model, set().union(*(o.model_parts() for o in objectives.values())))
+    frozen_text = not any(p.requires_grad for p in model.text_encoder.parameters())
+    cache = TextFeatureCache(model.text_encoder, model.tokenizer) if frozen_text else None
+    learner = Learner(model, objectives, weights, n_global=1 if name == "clip" else 2, text_cache=cache).to(device)
+    needs = learner.needs
+    teacher = EMATeacher(model.image_encoder, learner.teacher_heads()).to(device) if "teacher" in needs else None
+    batch = make_batch(model, args.batch, 1 if name == "clip" else 2,
+                       args.n_local if "local_views" in needs else 0, device, args.negatives and "captions" in needs)
+    if cache is not None:
+        cache(batch["captions"] + batch.get("neg_captions", []), device)  # warm: the bare step reads cached features
+    optimizer = torch.optim.AdamW([p for p in learner.parameters() if p.requires_grad], lr=1e-4)
+    dtype = torch.bfloat16 if args.precision == "bf16" else None
+    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
+    heads = learner.teacher_heads()
 
     def step():
         with autocast():
-            out = model(step_views, tokens["input_ids"], tokens["attention_mask"], vision=teacher is not None,
-                        n_cluster_views=objective.n_cluster_views, detach_cluster_input=objective.clu_detach)
-            t_embed = teacher(step_views[:2]) if teacher is not None else None
-            loss = objective(out, t_embed, boxes, flips)["loss"]
+            loss = learner(batch, teacher, 10, 100)["loss"]
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        learner.after_step()
         if teacher is not None:
-            teacher.update(model.image_encoder, model.vision_head, 0.996)
+            teacher.update(model.image_encoder, heads, 0.996)
 
     return step
 
@@ -67,23 +94,49 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def measure(step, steps: int, warmup: int, batch: int, device) -> dict:
-    for _ in range(warmup):
+def measure(name: str, args) -> dict:
+    """One objective set, in this (fresh) process: seconds per step, images/s, TFLOPs per step, peak memory."""
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    step = make_step(name, args, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(args.warmup):
         step()
     sync(device)
     start = time.perf_counter()
-    for _ in range(steps):
+    for _ in range(args.steps):
         step()
     sync(device)
-    seconds = (time.perf_counter() - start) / steps
+    seconds = (time.perf_counter() - start) / args.steps
     with FlopCounterMode(display=False) as counter:
         step()
-    flops = counter.get_total_flops()
-    return {"seconds_per_step": seconds, "images_per_second": batch / seconds, "tflop_per_step": flops / 1e12}
+    out = {"seconds_per_step": seconds, "images_per_second": args.batch / seconds,
+           "tflop_per_step": counter.get_total_flops() / 1e12}
+    if device.type == "cuda":
+        out["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+        out["achieved_tflops"] = out["tflop_per_step"] / seconds
+    else:  # ru_maxrss is in KiB on Linux
+        out["peak_memory_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    return out
+
+
+def _child(name, args, queue):
+    queue.put(measure(name, args))
+
+
+def run_isolated(name: str, args) -> dict:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(name, args, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
 
 
 def matmul_ceiling(device, n: int = 8192, repeats: int = 10) -> float:
-    """Measured bf16 matrix-product rate (TFLOP/s) of this GPU: the practical ceiling MFU is also reported against."""
+    """Measured bf16 matrix-product rate (TFLOP/s) of this GPU: the practical ceiling MFU is reported against."""
     a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
     for _ in range(3):
         a @ b
@@ -102,46 +155,37 @@ def main(argv=None) -> dict:
     parser.add_argument("--n-local", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--negatives", action="store_true", help="add a hard-negative caption per image (the demo)")
+    parser.add_argument("--sets", nargs="+", default=list(OBJECTIVE_SETS), choices=list(OBJECTIVE_SETS))
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--peak-tflops", type=float, default=989.0, help="accelerator peak for MFU (H100 SXM bf16)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="accelerator's dense bf16 peak (H100/H200)")
     parser.add_argument("--out", default=None, help="write the JSON result here")
     args = parser.parse_args(argv)
+    if "clip" not in args.sets:
+        args.sets = ["clip", *args.sets]
     device = torch.device(args.device)
-    dtype = torch.bfloat16 if args.precision == "bf16" else None
-    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
-    results = {"model": args.model, "batch": args.batch, "precision": args.precision, "device": str(device),
-               "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+    results = {"model": args.model, "batch": args.batch, "n_local": args.n_local, "precision": args.precision,
+               "device": str(device), "machine": platform.processor() or platform.machine(), "threads": args.threads,
+               "torch": torch.__version__, "sets": {}}
     if device.type == "cuda":
         results["gpu"] = torch.cuda.get_device_name(device)
         results["measured_bf16_matmul_tflops"] = matmul_ceiling(device)
-    for kind in ("clip", "full", "full_detach"):
+    for name in args.sets:
+        results["sets"][name] = run_isolated(name, args)
+    clip = results["sets"]["clip"]
+    for name, r in results["sets"].items():
+        r["time_ratio_to_clip"] = r["seconds_per_step"] / clip["seconds_per_step"]
+        r["flop_ratio_to_clip"] = r["tflop_per_step"] / clip["tflop_per_step"]
+        r["time_over_flop_ratio"] = r["time_ratio_to_clip"] / r["flop_ratio_to_clip"]
         if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-        torch.manual_seed(0)
-        model = create_model(args.model).to(device).train()
-        batch = make_batch(model, args.batch, args.n_local, device)
-        results[kind] = measure(make_step(model, kind, batch, autocast), args.steps, args.warmup, args.batch, device)
-        if device.type == "cuda":
-            achieved = results[kind]["tflop_per_step"] / results[kind]["seconds_per_step"]
-            results[kind]["achieved_tflops"] = achieved
-            results[kind]["mfu"] = achieved / args.peak_tflops
-            results[kind]["mfu_vs_measured_matmul"] = achieved / results["measured_bf16_matmul_tflops"]
-            results[kind]["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
-        del model
-    results["full_over_clip_time_ratio"] = results["full"]["seconds_per_step"] / results["clip"]["seconds_per_step"]
-    results["full_detach_over_clip_time_ratio"] = (results["full_detach"]["seconds_per_step"]
-                                                   / results["clip"]["seconds_per_step"])
-    print(json.dumps(results, indent=1))
-    if device.type == "cuda":
-        print(f"MFU (vs {args.peak_tflops:.0f} TFLOP/s peak)  clip {results['clip']['mfu']:.1%}   full "
-              f"{results['full']['mfu']:.1%}   full_detach {results['full_detach']['mfu']:.1%}   "
-              f"(measured bf16 matmul: {results['measured_bf16_matmul_tflops']:.0f} TFLOP/s)")
-    print(f"images/s  clip {results['clip']['images_per_second']:.1f}   full ViL-Seg "
-          f"{results['full']['images_per_second']:.1f}   full step takes {results['full_over_clip_time_ratio']:.2f}x "
-          f"the CLIP step; with the clustering head detached (the demo) "
-          f"{results['full_detach']['images_per_second']:.1f}, {results['full_detach_over_clip_time_ratio']:.2f}x")
+            r["mfu_vs_peak"] = r["achieved_tflops"] / args.peak_tflops
+            r["mfu_vs_measured_matmul"] = r["achieved_tflops"] / results["measured_bf16_matmul_tflops"]
+        print(f"{name:11s} {r['images_per_second']:8.1f} img/s  {r['seconds_per_step'] * 1e3:8.1f} ms/step  "
+              f"{r['tflop_per_step'] * 1e3:8.2f} GFLOP/step  peak {r['peak_memory_gib']:.2f} GiB  "
+              f"time x{r['time_ratio_to_clip']:.2f} vs FLOPs x{r['flop_ratio_to_clip']:.2f} of the CLIP step"
+              + (f"  MFU {r['mfu_vs_measured_matmul']:.1%} of measured matmul" if device.type == "cuda" else ""))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)

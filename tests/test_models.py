@@ -4,7 +4,7 @@ import torch
 
 import vilseg
 from vilseg.models import create_model, tokens_to_map
-from vilseg.objectives import EMATeacher, ViLSegObjective
+from vilseg.objectives import EMATeacher, Learner, build_objectives
 
 TINY = ["vilseg-tiny", "vilseg-tiny-minilm"]
 
@@ -12,10 +12,18 @@ TINY = ["vilseg-tiny", "vilseg-tiny-minilm"]
 def _batch(model, b=4):
     size = model.config.image.img_size
     views = [torch.randn(b, 3, size, size), torch.randn(b, 3, size, size), torch.randn(b, 3, size // 2, size // 2)]
-    tokens = model.tokenizer(["a red circle", "two blue squares", "a green cross and a red circle", "a square"][:b])
     boxes = torch.tensor([[0.0, 0.0, 0.8, 0.8], [0.2, 0.2, 1.0, 1.0], [0.1, 0.1, 0.4, 0.4]]).expand(b, 3, 4)
     flips = torch.tensor([False, True, False]).expand(b, 3)
-    return views, tokens, boxes, flips
+    captions = ["a red circle", "two blue squares", "a green cross and a red circle", "a square"][:b]
+    return {"views": views, "boxes": boxes, "flips": flips, "captions": captions}
+
+
+def _learner(model, spec):
+    objectives, weights = build_objectives(spec, model)
+    return Learner(model, objectives, weights, n_global=2)
+
+
+VILSEG = {"xm": {}, "vis": {"dim": 16, "hidden": 32}, "clu": {"align_size": 4}}
 
 
 def test_list_models_registers_tiny_variants():
@@ -26,19 +34,20 @@ def test_list_models_registers_tiny_variants():
 @pytest.mark.parametrize("name", TINY)
 def test_tiny_model_shapes_finite_and_every_trainable_parameter_gets_gradient(name):
     model = create_model(name)
-    views, tokens, boxes, flips = _batch(model)
-    out = model(views, tokens["input_ids"], tokens["attention_mask"], vision=True, n_cluster_views=2)
+    learner = _learner(model, VILSEG)
+    batch = _batch(model)
     cfg = model.config
     grid = cfg.image.img_size // cfg.image.patch_size
-    assert out["image_embed"].shape == (4, cfg.embed_dim) and out["text_embed"].shape == (4, cfg.embed_dim)
-    assert [v.shape for v in out["vision_embed"]] == [(4, cfg.vision_dim)] * 3
-    assert [c.shape for c in out["cluster_logits"]] == [(4, cfg.n_clusters, grid, grid)] * 2
-    teacher = EMATeacher(model.image_encoder, model.vision_head)
-    terms = ViLSegObjective({"xm": 1.0, "vis": 0.5, "clu": 1.0}, align_size=4)(out, teacher(views[:2]), boxes, flips)
+    feats = model.image_encoder(batch["views"][0])
+    assert model.embed_image(feats.global_token).shape == (4, cfg.embed_dim)
+    assert model.cluster_logits(feats).shape == (4, cfg.n_clusters, grid, grid)
+    assert model.encode_texts(batch["captions"]).shape == (4, cfg.embed_dim)
+    teacher = EMATeacher(model.image_encoder, learner.teacher_heads())
+    terms = learner(batch, teacher)
     for key in ("xm", "vis", "clu", "loss"):
         assert torch.isfinite(terms[key]), key
     terms["loss"].backward()
-    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum())]
+    missing = [n for n, p in learner.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum())]
     assert not missing, f"parameters without gradient: {missing}"
     if cfg.text.freeze:
         assert all(p.grad is None for p in model.text_encoder.parameters())
@@ -48,15 +57,14 @@ def test_tiny_model_shapes_finite_and_every_trainable_parameter_gets_gradient(na
 def test_clu_detach_keeps_the_clustering_gradient_out_of_the_image_encoder(detach):
     torch.manual_seed(0)
     model = create_model("vilseg-tiny")
-    views, tokens, boxes, flips = _batch(model)
-    objective = ViLSegObjective({"clu": 1.0}, align_size=4, clu_detach=detach)
-    out = model(views, vision=False, n_cluster_views=2, detach_cluster_input=objective.clu_detach)
-    objective(out, None, boxes, flips)["loss"].backward()
+    learner = _learner(model, {"clu": {"align_size": 4, "detach": detach}})
+    learner(_batch(model))["loss"].backward()
     head = [p.grad for p in model.cluster_head.parameters()]
     encoder = [p.grad for p in model.image_encoder.parameters() if p.requires_grad]
     assert all(g is not None and g.abs().sum() > 0 for g in head)
     reached = [g is not None and bool(g.abs().sum() > 0) for g in encoder]
     assert not any(reached) if detach else any(reached)
+    assert learner.objectives["clu"].model_parts() == ({"cluster_head"} if detach else {"cluster_head", "image_encoder"})
 
 
 def test_dense_api_shapes_and_token_map_helper():
@@ -177,60 +185,41 @@ def test_conv_stem_keeps_the_token_grid_and_rejects_odd_patches():
         create_model("vilseg-tiny", image={"patch_size": 6, "img_size": 36})
 
 
-def test_identity_text_projection_keeps_the_text_towers_space():
-    model = create_model("vilseg-tiny-minilm", embed_dim=384, text_proj="identity").eval()
-    assert isinstance(model.text_proj, torch.nn.Identity)
-    tok = model.tokenizer(["a crimson disc"])
-    with torch.no_grad():
-        raw = torch.nn.functional.normalize(model.text_encoder(tok["input_ids"], tok["attention_mask"]), dim=-1)
-    torch.testing.assert_close(model.encode_texts(["a crimson disc"]), raw)
-    with pytest.raises(ValueError, match="embed_dim"):
-        create_model("vilseg-tiny-minilm", text_proj="identity")  # embed_dim 32 != MiniLM's 384
-
-
-def test_identity_initialised_text_projection_starts_in_the_text_towers_space():
-    model = create_model("vilseg-tiny-minilm", embed_dim=384, text_proj="linear_identity_init").eval()
-    assert isinstance(model.text_proj, torch.nn.Linear) and model.text_proj.weight.requires_grad
-    tok = model.tokenizer(["a navy box"])
-    with torch.no_grad():
-        raw = torch.nn.functional.normalize(model.text_encoder(tok["input_ids"], tok["attention_mask"]), dim=-1)
-    torch.testing.assert_close(model.encode_texts(["a navy box"]), raw)
-
-
 CAPTIONS = ["a red circle.", "a blue square and a green cross.", "two shapes: a yellow triangle and a red square.",
             "a photo of a green circle.", "there is a blue cross in the picture.", "a yellow square on a background."]
 
 
-def test_text_subspace_keeps_training_captions_and_drops_directions_they_do_not_span(tmp_path):
+def test_folded_text_subspace_keeps_training_captions_and_drops_directions_they_do_not_span():
     model = create_model("vilseg-tiny").eval()
     before = model.encode_texts(CAPTIONS)
-    k = model.fit_text_subspace(CAPTIONS, variance=1.0)
-    assert k == len(CAPTIONS) - 1 and model.config.text_subspace == k  # n centred points span n - 1 directions
-    assert model.text_basis.shape == (model.text_encoder.width, k)
+    tok = model.tokenizer(CAPTIONS)
+    with torch.no_grad():
+        feats = model.text_encoder(tok["input_ids"], tok["attention_mask"]).double()
+    k = model.fold_text_subspace(CAPTIONS, variance=1.0)
+    assert k == len(CAPTIONS) - 1  # n centred points span n - 1 directions
     # The captions it was fitted on lie in their own span: their embeddings do not change.
     torch.testing.assert_close(model.encode_texts(CAPTIONS), before, atol=1e-5, rtol=1e-4)
-    # A feature direction orthogonal to that span is removed: it projects onto the captions' mean.
-    basis, mean = model.text_basis, model.text_mean
-    orthogonal = torch.randn(model.text_encoder.width)
-    orthogonal -= basis @ (basis.t() @ orthogonal)
-    torch.testing.assert_close(model.project_text_features(mean + orthogonal), mean, atol=1e-5, rtol=1e-4)
-    # Keeping less variance keeps fewer directions.
-    assert model.fit_text_subspace(CAPTIONS, variance=0.5) < k
+    # A feature direction orthogonal to that span is ignored: mean + orthogonal embeds like the mean.
+    mean = feats.mean(0)
+    _, _, vh = torch.linalg.svd(feats - mean, full_matrices=False)
+    orthogonal = torch.randn(feats.shape[1], dtype=torch.float64)
+    orthogonal -= vh[:k].t() @ (vh[:k] @ orthogonal)
+    with torch.no_grad():
+        torch.testing.assert_close(model.embed_text_features((mean + 5 * orthogonal).float()[None]),
+                                   model.embed_text_features(mean.float()[None]), atol=1e-5, rtol=1e-4)
+    # Keeping less variance keeps fewer directions; the fold is part of text_proj, so it survives save and load.
+    assert create_model("vilseg-tiny").fold_text_subspace(CAPTIONS, variance=0.5) < k
     with pytest.raises(ValueError, match="variance"):
-        model.fit_text_subspace(CAPTIONS, variance=0.0)
+        model.fold_text_subspace(CAPTIONS, variance=0.0)
     with pytest.raises(ValueError, match="at least 2"):
-        model.fit_text_subspace(["", "a red circle"])
+        model.fold_text_subspace(["", "a red circle"])
 
 
-def test_text_subspace_survives_save_and_load(tmp_path):
+def test_folded_text_subspace_survives_save_and_load_and_changes_unseen_words(tmp_path):
     model = create_model("vilseg-tiny").eval()
-    model.fit_text_subspace(CAPTIONS, variance=0.9)
+    plain = model.encode_texts(["a crimson disc"])
+    model.fold_text_subspace(CAPTIONS, variance=0.9)
     model.save_pretrained(tmp_path / "m")
     loaded = vilseg.ViLSeg.from_pretrained(tmp_path / "m").eval()
-    assert loaded.config.text_subspace == model.config.text_subspace > 0
-    torch.testing.assert_close(loaded.text_basis, model.text_basis)
     torch.testing.assert_close(loaded.encode_texts(["a crimson disc"]), model.encode_texts(["a crimson disc"]))
-    # ... and it changes the embedding of text outside the training captions.
-    plain = create_model("vilseg-tiny").eval()
-    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("text_")}, strict=False)
-    assert not torch.allclose(plain.encode_texts(["a crimson disc"]), model.encode_texts(["a crimson disc"]))
+    assert not torch.allclose(plain, model.encode_texts(["a crimson disc"]))

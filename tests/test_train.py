@@ -33,30 +33,36 @@ def test_train_main_runs_a_few_steps_and_exports(tmp_path, shards):
     final = train.main(_args(tmp_path / "run", shards, "train.steps=3", "train.text_subspace=0.9"))
     summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
     assert summary["steps"] == 3 and (final / "model.safetensors").is_file()
-    # train.text_subspace: the export fits the training captions' text subspace and saves it with the model
+    # train.text_subspace: the export folds the training captions' k-dimensional text subspace into text_proj,
+    # whose weight then has rank k; the checkpoint (the live model) keeps the unfolded projection
     k = summary["text_subspace_dim"]
-    assert 0 < k < 96 and json.loads((final / "config.json").read_text())["text_subspace"] == k
-    assert load_file(str(final / "model.safetensors"))["text_basis"].shape[1] == k
+    exported = load_file(str(final / "model.safetensors"))["text_proj.weight"]
+    live = load_file(str(tmp_path / "run/checkpoints/step_0000003/model.safetensors"))["model.text_proj.weight"]
+    assert 0 < k < 32 and torch.linalg.matrix_rank(exported.double(), rtol=1e-6) == k
+    assert torch.linalg.matrix_rank(live.double(), rtol=1e-6) > k
     assert (tmp_path / "run" / "config.yaml").is_file()
     assert any((tmp_path / "run" / "logs").rglob("events.out.tfevents*"))  # TensorBoard via accelerate
     assert (tmp_path / "run" / "checkpoints" / "step_0000003").is_dir()
 
 
-def test_interrupted_then_resumed_run_matches_uninterrupted(tmp_path, shards):
+@pytest.mark.parametrize("config", ["configs/debug.yaml", "configs/mmc/pretrain-debug.yaml"])
+def test_interrupted_then_resumed_run_matches_uninterrupted(tmp_path, shards, config):
     common = ("train.steps=6", "train.checkpoint_every=100", "data.num_workers=1")
-    full = train.main(_args(tmp_path / "a", shards, *common))
-    train.main(_args(tmp_path / "b", shards, *common, "train.stop_at=3"))
+    args = lambda run, *extra: ["--config", str(REPO / config), f"run.dir={run}", f"data.shards={shards}",  # noqa: E731
+                                "data.global_size=32", *common, *extra]
+    train.main(args(tmp_path / "a"))
+    train.main(args(tmp_path / "b", "train.stop_at=3"))
     assert json.loads((tmp_path / "b" / "train_summary.json").read_text())["steps"] == 3
-    resumed = train.main(_args(tmp_path / "b", shards, *common, "--resume"))
-    a, b = load_file(str(full / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=key)
-    # the teacher is restored too (it is in the accelerate state)
-    ta = load_file(str(tmp_path / "a/checkpoints/step_0000006/teacher.safetensors"))
-    tb = load_file(str(tmp_path / "b/checkpoints/step_0000006/teacher.safetensors"))
-    for key in ta:
-        torch.testing.assert_close(tb[key], ta[key], rtol=0, atol=1e-6, msg=key)
+    train.main(args(tmp_path / "b", "--resume"))
+    # every tensor of the model, the objectives' heads and their state (MMC's centre), and the teacher
+    for name in ("model.safetensors", "teacher.safetensors"):
+        a = load_file(str(tmp_path / "a/checkpoints/step_0000006" / name))
+        b = load_file(str(tmp_path / "b/checkpoints/step_0000006" / name))
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=key)
+        if name == "model.safetensors" and "mmc" in config:
+            assert "objectives.msd.center" in a and a["objectives.msd.center"].abs().sum() > 0
 
 
 def test_misspelt_config_key_and_missing_shards_are_named(tmp_path, shards):
@@ -64,8 +70,10 @@ def test_misspelt_config_key_and_missing_shards_are_named(tmp_path, shards):
         train.main(_args(tmp_path / "r", shards, "train.stesp=3"))
     with pytest.raises(FileNotFoundError, match="missing-000.tar"):
         train.main(_args(tmp_path / "r", str(tmp_path / "missing-000.tar")))
-    with pytest.raises(KeyError, match="loss.weights.foo"):
-        train.main(_args(tmp_path / "r", shards, "loss.weights={xm: 1, foo: 1}"))
+    with pytest.raises(KeyError, match="unknown objective 'foo'"):
+        train.main(_args(tmp_path / "r", shards, "objectives.foo={weight: 1}"))
+    with pytest.raises(KeyError, match=r"'temprature'.*objectives\.vis"):
+        train.main(_args(tmp_path / "r", shards, "objectives.vis.temprature=0.2"))
 
 
 @pytest.mark.slow
@@ -81,3 +89,74 @@ def test_two_process_ddp_with_accelerate_launch(tmp_path, shards):
     summary = json.loads((tmp_path / "ddp" / "train_summary.json").read_text())
     assert summary["processes"] == 2 and summary["steps"] == 3 and "MULTI_CPU" in summary["distributed_type"]
     assert (tmp_path / "ddp" / "final" / "model.safetensors").is_file()
+
+
+def test_stage_one_export_loads_into_stage_two_bit_for_bit(tmp_path, shards):
+    from vilseg.models import create_model
+    from vilseg.stage import init_image_encoder
+
+    stage1 = train.main(["--config", str(REPO / "configs/mmc/pretrain-debug.yaml"), f"run.dir={tmp_path / 's1'}",
+                         f"data.shards={shards}", "train.steps=3"])
+    exported = load_file(str(stage1 / "model.safetensors"))
+    torch.manual_seed(1)
+    fresh = create_model("vilseg-tiny").state_dict()
+    torch.manual_seed(1)
+    model = create_model("vilseg-tiny")
+    report = init_image_encoder(model, stage1)
+    state = model.state_dict()
+    encoder = [k for k in state if k.startswith("image_encoder.")]
+    assert sorted(report["loaded"]) == sorted(encoder) and set(report["new"]) == set(state) - set(encoder)
+    for key in encoder:  # carried over bit for bit, and really changed by stage 1's training
+        assert torch.equal(state[key], exported[key]), key
+    assert any(not torch.equal(exported[k], fresh[k]) for k in encoder)
+    for key in report["new"]:  # everything else keeps this stage's own initialisation
+        assert torch.equal(state[key], fresh[key]), key
+    # the training stage says so, and trains on from there
+    final = train.main(_args(tmp_path / "s2", shards, "train.steps=2", f"model.init_from={stage1}"))
+    init = json.loads((tmp_path / "s2" / "init_report.json").read_text())["init"]
+    assert init["source"] == str(stage1) and len(init["loaded"]) == len(encoder)
+    assert (final / "model.safetensors").is_file()
+
+
+def test_init_from_errors_name_the_problem(tmp_path, shards):
+    from vilseg.models import create_model
+    from vilseg.stage import init_image_encoder
+
+    with pytest.raises(FileNotFoundError, match="neither a vilseg export"):
+        init_image_encoder(create_model("vilseg-tiny"), tmp_path / "nothing")
+    other = create_model("vilseg-tiny", image={"timm_kwargs": {"depth": 2, "embed_dim": 48, "num_heads": 2}})
+    other.save_pretrained(tmp_path / "wide")
+    with pytest.raises(ValueError, match=r"image_encoder\..*has shape"):
+        init_image_encoder(create_model("vilseg-tiny"), tmp_path / "wide")
+
+
+def test_timm_checkpoint_initialises_the_image_encoder(tmp_path):
+    from safetensors.torch import save_file
+
+    from vilseg.models import create_model
+    from vilseg.stage import init_image_encoder
+
+    source = create_model("vilseg-tiny", image={"conv_stem": False})
+    save_file({k: v.contiguous() for k, v in source.image_encoder.vit.state_dict().items()}, str(tmp_path / "vit.safetensors"))
+    model = create_model("vilseg-tiny", image={"conv_stem": False})
+    report = init_image_encoder(model, tmp_path / "vit.safetensors")
+    for key, value in source.image_encoder.vit.state_dict().items():
+        assert torch.equal(model.image_encoder.vit.state_dict()[key], value), key
+    assert report["kind"] == "timm checkpoint" and "image_proj.weight" in report["new"]
+
+
+@pytest.mark.slow
+def test_accelerate_launch_runs_mmc_pretrain_debug_then_vilseg_on_its_export(tmp_path):
+    # The acceptance commands, as a user types them on a fresh clone (the debug presets render the synthetic world
+    # on the fly, so no shards are needed); only run.dir is redirected.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "vilseg/train.py")]
+    for config, extra in (("configs/mmc/pretrain-debug.yaml", []),
+                          ("configs/mmc/vilseg-debug.yaml", [f"model.init_from={tmp_path / 'pre' / 'final'}"])):
+        run = tmp_path / ("pre" if "pretrain" in config else "vilseg")
+        proc = subprocess.run([*launch, "--config", str(REPO / config), f"run.dir={run}", *extra], cwd=tmp_path,
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert (run / "final" / "model.safetensors").is_file()
+    assert "loaded 38 tensors" in proc.stdout + proc.stderr

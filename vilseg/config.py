@@ -1,8 +1,10 @@
 """Layered YAML configs: ``configs/default.yaml`` <- experiment delta <- ``key=value`` command-line overrides.
 
 Every key of a delta or override must already exist in the default file (misspellings fail loudly, naming the key
-and the file); sub-dicts listed in ``FREE_FORM`` are passed on as they are (e.g. model overrides, which the model
-factory validates against its own dataclasses).
+and the file); sub-dicts listed in ``FREE_FORM`` are passed on as they are and validated by their consumer (model
+overrides by the model factory, objectives by their options dataclasses). In an experiment file a free-form
+sub-dict replaces the default's (an experiment lists its objectives completely); command-line overrides merge into
+it (``objectives.clu.weight=0.2``).
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from typing import Any
 
 import yaml
 
-FREE_FORM = {"model.overrides"}
+FREE_FORM = {"model.overrides", "objectives"}
 DEFAULT_NAME = "default.yaml"
 
 
@@ -27,12 +29,22 @@ class Config(dict):
         return Config(value) if isinstance(value, dict) and not isinstance(value, Config) else value
 
 
-def _merge(base: dict, delta: dict, source: str, prefix: str = "") -> dict:
+def _deep_merge(base: dict, delta: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in delta.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _merge(base: dict, delta: dict, source: str, prefix: str = "", replace_free: bool = True) -> dict:
     out = copy.deepcopy(base)
     for key, value in delta.items():
         path = f"{prefix}{key}"
         if path in FREE_FORM:
-            out[key] = value if value is not None else {}
+            value = value if value is not None else {}
+            if not isinstance(value, dict):
+                raise TypeError(f"config key {path!r} in {source} must be a mapping, got {value!r}")
+            out[key] = value if replace_free else _deep_merge(base.get(key) or {}, value)
             continue
         if key not in base:
             valid = ", ".join(sorted(map(str, base)))
@@ -40,7 +52,7 @@ def _merge(base: dict, delta: dict, source: str, prefix: str = "") -> dict:
         if isinstance(base[key], dict):
             if not isinstance(value, dict):
                 raise TypeError(f"config key {path!r} in {source} must be a mapping, got {value!r}")
-            out[key] = _merge(base[key], value, source, f"{path}.")
+            out[key] = _merge(base[key], value, source, f"{path}.", replace_free)
         else:
             out[key] = value
     return out
@@ -66,22 +78,32 @@ def parse_override(text: str) -> dict:
     return value
 
 
+def find_default(path: str | Path | None) -> Path:
+    """The ``default.yaml`` an experiment file layers on: the nearest one in its folder or a parent folder
+    (``configs/mmc/x.yaml`` -> ``configs/default.yaml``), else the repository's ``configs/default.yaml``."""
+    if path is not None:
+        for folder in Path(path).resolve().parents:
+            if (folder / DEFAULT_NAME).is_file():
+                return folder / DEFAULT_NAME
+    return Path(__file__).resolve().parents[1] / "configs" / DEFAULT_NAME
+
+
 def load_config(path: str | Path | None, overrides: list[str] = (), default: str | Path | None = None) -> Config:
     """Resolves the layered config.
 
     Args:
-        path: experiment file (its directory must hold ``default.yaml`` unless ``default`` is given); None for
-            the default alone.
+        path: experiment file (layered on :func:`find_default`'s ``default.yaml`` unless ``default`` is given);
+            None for the default alone.
         overrides: ``key=value`` strings, applied last.
         default: explicit default file.
     """
     if default is None:
-        default = (Path(path).parent if path else Path(__file__).resolve().parents[1] / "configs") / DEFAULT_NAME
+        default = find_default(path)
     cfg = _read_yaml(Path(default))
     if path is not None and Path(path).resolve() != Path(default).resolve():
         cfg = _merge(cfg, _read_yaml(Path(path)), str(path))
     for text in overrides:
-        cfg = _merge(cfg, parse_override(text), f"command-line override {text!r}")
+        cfg = _merge(cfg, parse_override(text), f"command-line override {text!r}", replace_free=False)
     return Config(cfg)
 
 

@@ -9,9 +9,9 @@ Writes OUT/metrics.json (mIoU, per-class IoU; seen and held-out queries separate
 (image | prediction | ground truth) and OUT/train/ (config, checkpoints, TensorBoard logs, final model).
 
 Read-out: by default the paper's clusters (connected components of the clustering head's arg-max), each segment
-named by the *global* embedding of its own re-encoding (``Segmenter(refine=False, region="reencode_global")``), the
-read-out that scores best on the calibration split (docs/results.md, seventh session); ``--region pool`` is the
-paper's naming by pooled patch embeddings, ``--refine --region reencode`` the third to sixth sessions' read-out.
+named by the *global* embedding of its own re-encoding (``Segmenter(region="reencode_global")``), the read-out that
+scores best on the calibration split (docs/results.md); ``--region pool`` is the paper's naming by pooled patch
+embeddings.
 
 Queries: the 16 colour-shape classes. "Seen" classes occur in training captions. Held-out queries are
 (a) the 4 colour-shape combinations that never occur in training, and (b) every class worded with synonyms that
@@ -55,17 +55,17 @@ def group_miou(iou: dict[str, float], names: list[str]) -> float:
 
 
 def evaluate_model(model_dir: Path, data_dir: Path, out: Path, readout: str, n_overlays: int,
-                   refine: bool = False, region: str = "pool") -> dict:
+                   region: str = "pool") -> dict:
     from .segment import Segmenter
 
     items, meta = ev.load_split(data_dir / "eval")
     calib, _ = ev.load_split(data_dir / "calib")
     names = meta["classes"][1:]
     n_classes = len(names) + 1
-    seg = Segmenter.from_pretrained(model_dir, queries=names, readout=readout, refine=refine, region=region)
+    seg = Segmenter.from_pretrained(model_dir, queries=names, readout=readout, region=region)
     threshold, sweep = ev.calibrate_threshold(ev.class_scores(seg, calib), n_classes)
     seg.bg_threshold = threshold
-    name = readout + ("+refine" if refine else "") + ("" if region == "pool" else "+" + region)
+    name = readout + ("" if region == "pool" else "+" + region)
     report = {"readout": name, "bg_threshold": threshold,
               "calibration_sweep": sweep}
     per_query = {}
@@ -160,9 +160,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--train-samples", type=int, default=30000)
     parser.add_argument("--eval-samples", type=int, default=300)
     parser.add_argument("--overlays", type=int, default=8)
-    parser.add_argument("--refine", action=argparse.BooleanOptionalAction, default=False,
-                        help="cluster read-out: split clusters where the per-patch best query changes "
-                             "(default off: the paper's clusters)")
     parser.add_argument("--region", choices=REGIONS, default="reencode_global",
                         help="cluster read-out: segment embedding by re-encoding the segment alone and taking its "
                              "global embedding (default) or pooling its patch embeddings, or by pooling the patch "
@@ -170,8 +167,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--skip-train", action="store_true", help="reuse OUT/train/final")
     parser.add_argument("overrides", nargs="*", help="key=value training-config overrides")
     args = parser.parse_args(argv)
-    if args.readout != "cluster":  # refinement and re-encoding act on clusters; other read-outs have none
-        args.refine, args.region = False, "pool"
+    if args.readout != "cluster":  # re-encoding acts on clusters; other read-outs have none
+        args.region = "pool"
     start = time.time()
     pattern = prepare_data(args.data, args.train_samples, args.eval_samples, image_size=64)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -184,8 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
 
             train_main(["--config", args.config, f"run.dir={args.out / 'train'}", f"data.shards={pattern}",
                         *args.overrides])
-        report = evaluate_model(model_dir, args.data, args.out, args.readout, args.overlays, args.refine,
-                                args.region)
+        report = evaluate_model(model_dir, args.data, args.out, args.readout, args.overlays, args.region)
     report["config"] = args.config
     report["seconds_total"] = round(time.time() - start, 1)
     (args.out / "metrics.json").write_text(json.dumps(report, indent=1))

@@ -42,3 +42,13 @@ def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     out = [torch.empty_like(x) for _ in range(world_size())]
     dist.all_gather(out, x.contiguous())
     return torch.cat(out, dim=0)
+
+
+@torch.no_grad()
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x`` over every process (a copy; ``x`` itself is unchanged)."""
+    if not is_dist() or world_size() == 1:
+        return x
+    out = x.clone()
+    dist.all_reduce(out)
+    return out / world_size()

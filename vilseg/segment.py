@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 DEFAULT_TEMPLATES = ("a photo of a {}.", "a {}.", "an image of a {}.", "a picture with a {}.")
-REGIONS = ("pool", "reencode", "reencode_global")
+REGIONS = ("pool", "reencode_global")
 
 
 @dataclass
@@ -110,18 +110,12 @@ class Segmenter:
         readout: ``"cluster"`` (ViL-Seg) or ``"dense"`` (patch by patch).
         bg_threshold: cosine similarity a segment must reach to be labelled; below it, background.
         split_components: split every cluster into 4-connected segments (segments per image are not capped).
-        context: pool each segment's embedding over the segment dilated by this many patches (labels still cover
-            only the segment): shape evidence sits partly in the patches around an object's boundary.
-        refine: split every cluster where the per-patch best-matching query changes, before pooling.
-        region: how a segment's embedding is formed (cluster read-out only). ``"pool"``: masked average pooling of
-            the patch embeddings (the ViL-Seg paper). ``"reencode"``: the image is encoded again with every pixel
-            outside the segment set to the normalisation mean, and the re-encoded patch embeddings are pooled over
-            the segment: the segment's features then come from the segment alone, not from neighbouring objects
-            seen through attention. Costs one extra forward pass per segment (batched per image).
-            ``"reencode_global"``: the same re-encoding, but the segment is named by the re-encoded image's *global*
-            embedding. With average pooling, the global embedding is the one the captions trained; the blanked
-            patches around the segment attend to it and carry its outline, so this embedding names shape where the
-            segment's own patch embeddings do not (docs/results.md, seventh session).
+        region: how a segment is named (cluster read-out only). ``"pool"``: masked average pooling of its patch
+            embeddings (the ViL-Seg paper). ``"reencode_global"``: the image is encoded again with every pixel
+            outside the segment set to the normalisation mean, and the segment is named by that re-encoding's
+            *global* embedding, the one the captions trained; the blanked patches around the segment attend to it
+            and carry its outline, so this embedding names shape where the segment's own patch embeddings do not
+            (docs/results.md). Costs one extra forward pass per segment (batched per image).
         center_queries: subtract the mean of the vocabulary's name embeddings before normalising (needs >= 2 names).
             Captions share a large common component (template, wording), and regions no caption describes
             (background) drift towards it; centring removes it so that they score near 0 for every name.
@@ -131,19 +125,19 @@ class Segmenter:
 
     def __init__(self, model, queries=None, templates=DEFAULT_TEMPLATES, readout: str = "cluster",
                  bg_threshold: float = 0.3, split_components: bool = True, input_size: int | None = None,
-                 device: str | torch.device | None = None, center_queries: bool = True, context: int = 0,
-                 refine: bool = False, region: str = "pool", reencode_batch: int = 64):
+                 device: str | torch.device | None = None, center_queries: bool = True, region: str = "pool",
+                 reencode_batch: int = 64):
         if readout not in ("cluster", "dense"):
             raise ValueError(f"readout must be 'cluster' or 'dense', got {readout!r}")
         if region not in REGIONS:
             raise ValueError(f"region must be one of {REGIONS}, got {region!r}")
-        if region != "pool" and (readout != "cluster" or context):
-            raise ValueError(f"region={region!r} needs readout='cluster' and context=0 (it replaces context pooling)")
+        if region != "pool" and readout != "cluster":
+            raise ValueError(f"region={region!r} needs readout='cluster' (the dense read-out has no segments)")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.to(self.device).eval()
         self.templates = tuple(templates)
         self.readout, self.bg_threshold, self.split_components = readout, bg_threshold, split_components
-        self.center_queries, self.context, self.refine = center_queries, context, refine
+        self.center_queries = center_queries
         self.region, self.reencode_batch = region, reencode_batch
         self.input_size = input_size or model.config.image.img_size
         self.patch = model.image_encoder.patch_size
@@ -203,48 +197,26 @@ class Segmenter:
             seg = torch.arange(h * w, device=emb.device).view(1, h, w).expand(b, h, w)
             return self.index.scores(flat).view(b, h, w, -1).permute(0, 3, 1, 2), seg
         clusters = dense["cluster_probs"].argmax(1)  # [B, h, w]
-        if self.refine:  # split clusters where the per-patch best query changes (clusters may span objects and bg)
-            best = self.index.scores(flat).argmax(1).view(b, h, w)
-            clusters = clusters * len(self.names) + best
         seg = connected_components(clusters) if self.split_components else clusters
         uid = (seg + torch.arange(b, device=seg.device).view(b, 1, 1) * (h * w + dense["cluster_probs"].shape[1]))
         uniq, inverse = torch.unique(uid.flatten(), return_inverse=True)
-        if self.region != "pool":
-            pooled = self._reencode_pool(images, inverse.view(b, h, w), torch.zeros(len(uniq), e, device=emb.device))
-        elif self.context > 0:
-            pooled = self._context_pool(inverse.view(b, h, w), len(uniq), emb)
+        if self.region == "reencode_global":
+            pooled = self._reencode_global(images, inverse.view(b, h, w), torch.zeros(len(uniq), e, device=emb.device))
         else:
             pooled = torch.zeros(len(uniq), e, device=emb.device).index_add_(0, inverse, flat)  # masked avg pooling
         seg_scores = self.index.scores(F.normalize(pooled, dim=-1))  # [S, Q]
         return seg_scores[inverse].view(b, h, w, -1).permute(0, 3, 1, 2), inverse.view(b, h, w)
 
-    def _reencode_pool(self, images: torch.Tensor, ids: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    def _reencode_global(self, images: torch.Tensor, ids: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] normalised images, [B, h, w] segment ids (0..n-1, unique across the batch), [n, E] zeros ->
-        [n, E] sums of the patch embeddings of each segment's own re-encoding (everything outside it blanked), or
-        for ``region="reencode_global"`` that re-encoding's global embedding."""
+        [n, E]: the global embedding of each segment's own re-encoding (everything outside it blanked)."""
         p = self.patch
         for i in range(ids.shape[0]):
             segs = torch.unique(ids[i])
             for chunk in segs.split(self.reencode_batch):
                 masks = (ids[i][None] == chunk[:, None, None]).float()  # [S, h, w]
                 pixels = masks.repeat_interleave(p, 1).repeat_interleave(p, 2)[:, None]  # [S, 1, H, W]
-                out = self.model.dense_embeddings(images[i:i + 1] * pixels)
-                if self.region == "reencode_global":
-                    pooled[chunk] = out["image_embed"]  # [S, E]
-                else:
-                    pooled[chunk] = torch.einsum("shw,sehw->se", masks, out["patch_embed"])  # [S, E, h, w] -> [S, E]
-        return pooled
-
-    def _context_pool(self, ids: torch.Tensor, n: int, emb: torch.Tensor) -> torch.Tensor:
-        """[B, h, w] segment ids (0..n-1, unique across the batch), [B, E, h, w] -> [n, E] sums over dilated masks."""
-        b = ids.shape[0]
-        k = 2 * self.context + 1
-        pooled = torch.zeros(n, emb.shape[1], device=emb.device)
-        for i in range(b):  # per image: its segments only
-            segs = torch.unique(ids[i])
-            masks = (ids[i][None] == segs[:, None, None]).float()  # [S, h, w]
-            grown = F.max_pool2d(masks[:, None], k, stride=1, padding=self.context)[:, 0]
-            pooled[segs] = torch.einsum("shw,ehw->se", grown, emb[i])
+                pooled[chunk] = self.model.dense_embeddings(images[i:i + 1] * pixels)["image_embed"]  # [S, E]
         return pooled
 
     @torch.no_grad()
@@ -301,16 +273,14 @@ def cli(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="output directory for overlays and JSON")
     parser.add_argument("--bg-threshold", type=float, default=0.3)
     parser.add_argument("--readout", choices=("cluster", "dense"), default="cluster")
-    parser.add_argument("--refine", action="store_true",
-                        help="cluster read-out: split clusters where the per-patch best query changes")
     parser.add_argument("--region", choices=REGIONS, default="pool",
-                        help="cluster read-out: pool patch embeddings per segment, or re-encode each segment alone "
-                             "(pooling its patch embeddings, or taking the global embedding)")
+                        help="cluster read-out: name each segment by its pooled patch embeddings, or by the global "
+                             "embedding of the segment re-encoded alone")
     args = parser.parse_args(argv)
     import json
 
     seg = Segmenter.from_pretrained(args.model, queries=args.queries, bg_threshold=args.bg_threshold,
-                                    readout=args.readout, refine=args.refine, region=args.region)
+                                    readout=args.readout, region=args.region)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for image in args.image:

@@ -1,7 +1,11 @@
-"""Train ViL-Seg on a webdataset image-caption stream.
+"""Run one training stage: the objectives named in the config, on an image-caption or image-only stream.
 
     accelerate launch vilseg/train.py --config configs/demo.yaml [key=value ...] [--resume [DIR]]
+    accelerate launch vilseg/train.py --config configs/mmc/pretrain-demo.yaml           # stage 1: MMC, images only
+    accelerate launch vilseg/train.py --config configs/mmc/vilseg-demo.yaml             # stage 2: ViL-Seg on it
 
+A stage is its config: which objectives with which weights and options (``objectives``), the data, the schedule,
+and where the image encoder starts (``model.init_from``: another stage's export, a timm checkpoint, or scratch).
 Precision and distribution are decided by accelerate (``accelerate config`` / ``accelerate launch`` flags and
 ``train.mixed_precision``); the same code runs in one CPU process and under multi-process DDP.
 """
@@ -14,6 +18,7 @@ if __name__ == "__main__":  # `accelerate launch vilseg/train.py` puts vilseg/ f
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import argparse
+import copy
 import json
 import math
 import shutil
@@ -25,7 +30,8 @@ from torch import nn
 
 from vilseg.config import flatten, load_config, save_config
 from vilseg.models import create_model
-from vilseg.objectives import EMATeacher, ViLSegObjective, ema_momentum
+from vilseg.objectives import EMATeacher, Learner, build_objectives, ema_momentum
+from vilseg.stage import freeze_unused, init_image_encoder
 
 
 class TrainState:
@@ -52,26 +58,36 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def build_model(cfg):
+def build_model(cfg) -> tuple[nn.Module, dict | None]:
+    """The stage's model, its image encoder initialised from ``model.init_from`` if set; returns (model, report)."""
     model = create_model(cfg.model.name, **dict(cfg.model.overrides or {}))
-    if cfg.model.init_from:
-        from vilseg.models import ViLSeg
-
-        source = ViLSeg.from_pretrained(cfg.model.init_from)
-        model.load_state_dict(source.state_dict())
-    return model
+    report = init_image_encoder(model, cfg.model.init_from) if cfg.model.init_from else None
+    return model, report
 
 
-def build_objective(cfg) -> ViLSegObjective:
-    return ViLSegObjective(dict(cfg.loss.weights), vis_temperature=cfg.loss.vis_temperature,
-                           iic_lambda=cfg.loss.iic_lambda, align_size=cfg.loss.align_size,
-                           clu_detach=cfg.loss.clu_detach)
+def build_learner(cfg, model) -> tuple[Learner, EMATeacher | None, list[str]]:
+    """The objectives on ``model`` as one :class:`~vilseg.objectives.Learner`, the shared EMA teacher if any
+    objective needs one, and the model parameters frozen because no objective trains them."""
+    from vilseg.text_cache import TextFeatureCache
+
+    objectives, weights = build_objectives(dict(cfg.objectives), model)
+    parts = set().union(*(o.model_parts() for o in objectives.values()))
+    frozen = freeze_unused(model, parts)
+    needs = frozenset().union(*(o.needs for o in objectives.values()))
+    cache = None
+    if "captions" in needs and not any(p.requires_grad for p in model.text_encoder.parameters()):
+        cache = TextFeatureCache(model.text_encoder, model.tokenizer, cfg.train.text_cache_size)
+    learner = Learner(model, objectives, weights, n_global=cfg.data.n_global,
+                      corruption_fill=cfg.data.masking.fill, text_cache=cache)
+    teacher = EMATeacher(model.image_encoder, learner.teacher_heads()) if "teacher" in needs else None
+    return learner, teacher, frozen
 
 
-def build_optimizer(model: nn.Module, cfg):
-    """AdamW; no weight decay on biases, norms, tokens, position embeddings and the logit scale."""
+def build_optimizer(module: nn.Module, cfg):
+    """AdamW over the trainable parameters; no weight decay on biases, norms, tokens, position embeddings, the
+    logit scale and prototypes."""
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
         (no_decay if p.ndim < 2 or "token" in name or "pos_embed" in name else decay).append(p)
@@ -92,22 +108,33 @@ def build_scheduler(optimizer, cfg):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def build_loader(cfg, model):
+def build_loader(cfg, model, needs: frozenset[str]):
+    """The stream of batches, with only what the objectives need: captions (and hard negatives), local views,
+    masks for corruption."""
     from torch.utils.data import DataLoader
 
+    from vilseg.data.masking import BlockMasking
     from vilseg.data.multicrop import MultiCrop
     from vilseg.data.stream import make_train_stream
 
     image_cfg = model.config.image
     global_size = cfg.data.global_size or image_cfg.img_size
     local_size = cfg.data.local_size or global_size // 2
-    crop = MultiCrop(global_size, local_size, cfg.data.n_global, cfg.data.n_local, cfg.data.global_scale,
-                     cfg.data.local_scale, cfg.data.flip_p, image_cfg.mean, image_cfg.std, dict(cfg.data.ssl_colour))
+    n_local = cfg.data.n_local if "local_views" in needs else 0
+    crop = MultiCrop(global_size, local_size, cfg.data.n_global, n_local, cfg.data.global_scale,
+                     cfg.data.local_scale, cfg.data.flip_p, image_cfg.mean, image_cfg.std)
+    masking = None
+    if "corrupted" in needs:
+        grid = global_size // image_cfg.patch_size
+        masking = BlockMasking((grid, grid), tuple(cfg.data.masking.ratio), cfg.data.masking.min_block)
     if cfg.data.shards is None:
-        raise ValueError("data.shards is not set: give a shard pattern, e.g. data.shards='data/train-{000..009}.tar'")
-    stream = make_train_stream(cfg.data.shards, model.tokenizer, crop, cfg.data.batch_size, seed=cfg.run.seed,
+        raise ValueError("data.shards is not set: give a shard pattern, e.g. data.shards='data/train-{000..009}.tar', "
+                         "or (image-only stages) a folder of images")
+    captions = "captions" in needs
+    stream = make_train_stream(cfg.data.shards, crop, cfg.data.batch_size, seed=cfg.run.seed,
                                resampled=cfg.data.resampled, shuffle_buffer=cfg.data.shuffle_buffer,
-                               swap_groups=cfg.loss.hard_negative_groups, swap_exclude=cfg.loss.hard_negative_exclude)
+                               captions=captions, swap_groups=cfg.data.hard_negative_groups if captions else None,
+                               swap_exclude=cfg.data.hard_negative_exclude, masking=masking)
     return DataLoader(stream, batch_size=None, num_workers=cfg.data.num_workers,
                       persistent_workers=cfg.data.num_workers > 0)
 
@@ -115,7 +142,7 @@ def build_loader(cfg, model):
 def to_device(batch: dict, device) -> dict:
     out = dict(batch)
     out["views"] = [v.to(device, non_blocking=True) for v in batch["views"]]
-    for key in ("boxes", "flips", "input_ids", "attention_mask", "neg_input_ids", "neg_attention_mask", "has_neg"):
+    for key in ("boxes", "flips", "masks", "has_neg"):
         if key in batch:
             out[key] = batch[key].to(device, non_blocking=True)
     return out
@@ -124,21 +151,6 @@ def to_device(batch: dict, device) -> dict:
 def latest_checkpoint(run_dir: Path) -> Path | None:
     ckpts = sorted((run_dir / "checkpoints").glob("step_*"))
     return ckpts[-1] if ckpts else None
-
-
-def training_step(model, teacher, objective, batch, n_global: int) -> dict:
-    """One forward pass: model embeddings, teacher embeddings of the global views, and the loss terms.
-
-    Hard-negative captions, when present, are encoded in the same text-tower call as the positives.
-    """
-    ids, mask = batch.get("input_ids"), batch.get("attention_mask")
-    if "neg_input_ids" in batch:
-        ids = torch.cat([ids, batch["neg_input_ids"]])
-        mask = torch.cat([mask, batch["neg_attention_mask"]])
-    out = model(batch["views"], ids, mask, vision=objective.needs_teacher, n_cluster_views=objective.n_cluster_views,
-                detach_cluster_input=objective.clu_detach)
-    teacher_embed = teacher(batch["views"][:n_global]) if teacher is not None else None
-    return objective(out, teacher_embed, batch["boxes"], batch["flips"], batch.get("has_neg"))
 
 
 TRAINER_STATE = "trainer_state.json"
@@ -194,12 +206,12 @@ def make_accelerator(cfg, run_dir: Path):
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")))
 
 
-def export(accelerator, model, run_dir: Path, state: TrainState, summary: dict, cfg=None) -> Path:
+def export(accelerator, model, run_dir: Path, state: TrainState, summary: dict, cfg, captions: bool) -> Path:
     """Writes the final model (safetensors + config) and train_summary.json; returns the model directory.
 
-    With ``train.text_subspace`` the exported model first gets its training-caption text subspace
-    (:meth:`~vilseg.ViLSeg.fit_text_subspace`, fitted on the first ``train.text_subspace_captions`` captions of
-    ``data.shards``).
+    With ``train.text_subspace`` (and a stage that trains on captions) the exported copy of the model has the
+    training captions' text subspace folded into its text projection (:meth:`~vilseg.ViLSeg.fold_text_subspace`,
+    fitted on the first ``train.text_subspace_captions`` captions of ``data.shards``); the live model is unchanged.
     """
     from accelerate.utils import gather_object
 
@@ -208,11 +220,12 @@ def export(accelerator, model, run_dir: Path, state: TrainState, summary: dict, 
         skipped.update(counts)
     final_dir = run_dir / "final"
     if accelerator.is_main_process:
-        if cfg is not None and cfg.train.text_subspace:
+        if captions and cfg.train.text_subspace:
             from .data.stream import read_captions
 
-            k = model.fit_text_subspace(read_captions(cfg.data.shards, cfg.train.text_subspace_captions),
-                                        variance=cfg.train.text_subspace)
+            model = copy.deepcopy(model)
+            k = model.fold_text_subspace(read_captions(cfg.data.shards, cfg.train.text_subspace_captions),
+                                         variance=cfg.train.text_subspace)
             summary = {**summary, "text_subspace_dim": k}
         model.save_pretrained(final_dir)
         summary = {"steps": state.step, **summary, "processes": accelerator.num_processes,
@@ -222,6 +235,23 @@ def export(accelerator, model, run_dir: Path, state: TrainState, summary: dict, 
         accelerator.print(json.dumps(summary))
     accelerator.wait_for_everyone()
     return final_dir
+
+
+def log_init(accelerator, run_dir: Path, report: dict | None, frozen: list[str]) -> None:
+    """Says where the image encoder came from (which tensors loaded, which are new) and what no objective trains;
+    writes the full lists to run_dir/init_report.json."""
+    if not accelerator.is_main_process:
+        return
+    if report is None:
+        accelerator.print("model: every tensor initialised from scratch (model.init_from is null)")
+    else:
+        accelerator.print(f"model.init_from {report['source']} ({report['kind']}): loaded {len(report['loaded'])} "
+                          f"tensors: {', '.join(report['loaded_summary'])}; new {len(report['new'])} tensors: "
+                          f"{', '.join(report['new_summary'])}")
+    if frozen:
+        accelerator.print(f"frozen (no objective trains them): {len(frozen)} tensors under "
+                          f"{sorted({n.split('.')[0] for n in frozen})}")
+    (run_dir / "init_report.json").write_text(json.dumps({"init": report, "frozen": frozen}, indent=1))
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -237,13 +267,13 @@ def main(argv: list[str] | None = None) -> Path:
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-    model = build_model(cfg)
-    objective = build_objective(cfg)
-    teacher = EMATeacher(model.image_encoder, model.vision_head) if objective.needs_teacher else None
-    optimizer = build_optimizer(model, cfg)
+    model, init_report = build_model(cfg)
+    learner, teacher, frozen = build_learner(cfg, model)
+    log_init(accelerator, run_dir, init_report, frozen)
+    optimizer = build_optimizer(learner, cfg)
     scheduler = build_scheduler(optimizer, cfg)
-    loader = build_loader(cfg, model)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    loader = build_loader(cfg, model, learner.needs)
+    learner, optimizer = accelerator.prepare(learner, optimizer)
     state = TrainState()
     if teacher is not None:
         teacher.to(accelerator.device)
@@ -254,37 +284,40 @@ def main(argv: list[str] | None = None) -> Path:
         load_checkpoint(accelerator, ckpt, state, scheduler, teacher)
         accelerator.print(f"resumed from {ckpt} at step {state.step}")
     accelerator.init_trackers("vilseg", config=flatten(cfg))
-    unwrapped = accelerator.unwrap_model(model)
+    inner = accelerator.unwrap_model(learner)
+    heads = inner.teacher_heads()
 
     batches = iter(loader)
     for _ in range(state.step * cfg.train.grad_accum):  # exact resumption: replay the deterministic stream
         next(batches)
     progress = tqdm(total=cfg.train.steps, initial=state.step, desc="train", disable=not accelerator.is_main_process)
     start, start_step, images_seen = time.time(), state.step, 0
+    steady = (start_step + min(10, (cfg.train.steps - start_step) // 2), None)  # (step, time) after the warm-up
     while state.step < cfg.train.steps:
         batch = to_device(next(batches), accelerator.device)
         state.skipped.update(batch["skipped"])
-        with accelerator.accumulate(model):
-            terms = training_step(model, teacher, objective, batch, cfg.data.n_global)
+        with accelerator.accumulate(learner):
+            terms = learner(batch, teacher, state.step, cfg.train.steps)
             accelerator.backward(terms["loss"])
             if accelerator.sync_gradients and cfg.optim.grad_clip:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                accelerator.clip_grad_norm_(learner.parameters(), cfg.optim.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         images_seen += batch["views"][0].shape[0]
         if not accelerator.sync_gradients:
             continue
+        inner.after_step()
         scheduler.step()
         state.step += 1
+        momentum = None
         if teacher is not None:
-            momentum = ema_momentum(state.step, cfg.train.steps, cfg.train.ema_momentum)
-            teacher.update(unwrapped.image_encoder, unwrapped.vision_head, momentum)
+            momentum = ema_momentum(state.step, cfg.train.steps, cfg.teacher.momentum, cfg.teacher.final_momentum)
+            teacher.update(inner.model.image_encoder, heads, momentum)
         progress.update(1)
+        if state.step == steady[0]:
+            steady = (state.step, time.time())
         if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
-            logs = {f"loss/{k}": float(v.detach()) for k, v in terms.items()}
-            logs.update({"lr": scheduler.get_last_lr()[0], "skipped": sum(state.skipped.values())})
-            accelerator.log(logs, step=state.step)
-            progress.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in logs.items() if k.startswith("loss")})
+            log_step(accelerator, progress, state, terms, scheduler, inner, momentum, cfg.train.steps)
         if state.step % cfg.train.checkpoint_every == 0 and state.step < cfg.train.steps:
             save_checkpoint(accelerator, run_dir, state, scheduler, teacher, cfg.train.keep_checkpoints)
         if cfg.train.stop_at is not None and state.step >= cfg.train.stop_at:
@@ -294,13 +327,31 @@ def main(argv: list[str] | None = None) -> Path:
             accelerator.print(f"train.max_minutes={cfg.train.max_minutes} reached at step {state.step}: stopping")
             break
     progress.close()
-    elapsed = time.time() - start
+    end = time.time()
+    elapsed = end - start
     save_checkpoint(accelerator, run_dir, state, scheduler, teacher, cfg.train.keep_checkpoints)
-    final_dir = export(accelerator, unwrapped, run_dir, state, {
-        "steps_this_session": state.step - start_step, "seconds": round(elapsed, 1),
-        "images_per_second_per_process": round(images_seen / max(elapsed, 1e-9), 2)}, cfg)
+    summary = {"steps_this_session": state.step - start_step, "seconds": round(elapsed, 1),
+               "images_per_second_per_process": round(images_seen / max(elapsed, 1e-9), 2),
+               "seconds_per_step_after_warmup": (round((end - steady[1]) / (state.step - steady[0]), 4)
+                                                 if steady[1] is not None and state.step > steady[0] else None),
+               "objectives": dict(inner.weights)}
+    if inner.text_cache is not None:
+        summary["text_cache"] = {"hit_rate": round(inner.text_cache.hit_rate, 4), "captions": len(inner.text_cache.store)}
+    final_dir = export(accelerator, inner.model, run_dir, state, summary, cfg, "captions" in inner.needs)
     accelerator.end_training()
     return final_dir
+
+
+def log_step(accelerator, progress, state: TrainState, terms: dict, scheduler, learner: Learner, momentum, total):
+    logs = {f"loss/{k}": float(v.detach()) for k, v in terms.items()}
+    logs.update({"lr": scheduler.get_last_lr()[0], "skipped": sum(state.skipped.values())})
+    logs.update(learner.log_values(state.step, total))
+    if momentum is not None:
+        logs["teacher_momentum"] = momentum
+    if learner.text_cache is not None:
+        logs["text_cache_hit_rate"] = learner.text_cache.hit_rate
+    accelerator.log(logs, step=state.step)
+    progress.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in logs.items() if k.startswith("loss")})
 
 
 def cli() -> None:

@@ -7,7 +7,7 @@ segment embeddings and prints class / colour / shape accuracy for each (chance 1
   pool-norm   mean of the L2-normalised joint-space patch embeddings over the mask (the paper's masked pooling)
   pool-raw    mean of the *unnormalised* projected patch tokens over the mask (what the global embedding averages)
   re-patch    the image re-encoded with everything outside the mask blanked; mean of its normalised patch embeddings
-              over the mask (the demo read-out's region="reencode")
+              over the mask (a read-out the seventh session removed: it named shape at chance)
   re-global   the same re-encoding's global image embedding
 
     python docs/diagnostics/oracle_segments.py runs/ts_full/train/final

@@ -5,7 +5,6 @@ import math
 
 import numpy as np
 import torch
-import torchvision.transforms.functional as TF
 from PIL import Image
 
 
@@ -39,32 +38,16 @@ class MultiCrop:
         global_scale, local_scale: area fractions of the source image for each kind.
         flip_p: probability of a horizontal flip per crop.
         mean, std: normalisation (the model's ``image.mean``/``image.std``).
-        ssl_colour: colour jitter of the self-supervised views, every view except view 0 (the one paired with the
-            caption, which must keep its true colours). Keys: ``p`` (probability per view; 0 switches it off),
-            ``brightness``, ``saturation`` (factors drawn from [1 - x, 1 + x]), ``hue`` (shift drawn from
-            [-x, x], at most 0.5 = the whole colour circle) and ``grayscale_p``. Without it the vision contrast
-            and the clustering loss can match views by colour alone (the SimCLR colour-histogram shortcut).
     """
-
-    COLOUR_KEYS = ("p", "brightness", "saturation", "hue", "grayscale_p")
 
     def __init__(self, global_size: int, local_size: int, n_global: int = 2, n_local: int = 4,
                  global_scale=(0.5, 1.0), local_scale=(0.1, 0.4), flip_p: float = 0.5,
-                 mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), ssl_colour: dict | None = None):
+                 mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
         if n_global < 1:
             raise ValueError("data.n_global must be >= 1 (view 0 is paired with the caption)")
+        self.n_global, self.n_local = n_global, n_local
         self.specs = [(global_size, tuple(global_scale))] * n_global + [(local_size, tuple(local_scale))] * n_local
         self.flip_p = flip_p
-        colour = dict(ssl_colour or {})
-        unknown = sorted(set(colour) - set(self.COLOUR_KEYS))
-        if unknown:
-            raise KeyError(f"data.ssl_colour has unknown key(s) {unknown}; known: {list(self.COLOUR_KEYS)}")
-        self.colour = {k: float(colour.get(k, 0.0)) for k in self.COLOUR_KEYS}
-        if not 0.0 <= self.colour["hue"] <= 0.5:
-            raise ValueError(f"data.ssl_colour.hue must be in [0, 0.5], got {self.colour['hue']}")
-        for key in ("p", "grayscale_p"):
-            if not 0.0 <= self.colour[key] <= 1.0:
-                raise ValueError(f"data.ssl_colour.{key} must be a probability, got {self.colour[key]}")
         self.mean = torch.tensor(mean).view(3, 1, 1)
         self.std = torch.tensor(std).view(3, 1, 1)
 
@@ -78,22 +61,8 @@ class MultiCrop:
             flip = bool(rng.random() < self.flip_p)
             if flip:
                 crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
-            if views:  # every view but the caption's
-                crop = self.jitter(crop, rng)
             array = torch.from_numpy(np.asarray(crop, dtype=np.float32) / 255.0).permute(2, 0, 1)
             views.append((array - self.mean) / self.std)
             boxes.append([x0 / width, y0 / height, x1 / width, y1 / height])
             flips.append(flip)
         return views, torch.tensor(boxes, dtype=torch.float32), torch.tensor(flips)
-
-    def jitter(self, crop: Image.Image, rng: np.random.Generator) -> Image.Image:
-        """SimCLR-style colour distortion with torchvision's functional ops, drawn from ``rng`` (reproducible)."""
-        c = self.colour
-        if c["p"] > 0 and rng.random() < c["p"]:
-            crop = TF.adjust_brightness(crop, rng.uniform(1 - c["brightness"], 1 + c["brightness"]))
-            crop = TF.adjust_saturation(crop, rng.uniform(1 - c["saturation"], 1 + c["saturation"]))
-            if c["hue"] > 0:
-                crop = TF.adjust_hue(crop, rng.uniform(-c["hue"], c["hue"]))
-        if c["grayscale_p"] > 0 and rng.random() < c["grayscale_p"]:
-            crop = TF.to_grayscale(crop, num_output_channels=3)
-        return crop

@@ -1,8 +1,12 @@
-"""The webdataset training stream: shards -> decoded, augmented, tokenised batches. Bad samples are counted.
+"""The webdataset training stream: shards (or a folder of images) -> decoded, augmented batches. Bad samples are
+skipped and counted by reason.
 
 Stages (each commented where it is built):
-  shard list (resampled, or shuffled + split by node + split by worker) -> tar to samples (tar errors logged and
-  skipped) -> shuffle -> decode + validate + augment + tokenise (bad samples skipped, counted by reason) -> batch.
+  source list (resampled, or shuffled + split by node + split by worker) -> tar to samples (tar errors logged and
+  skipped), or image files to samples -> shuffle -> decode + validate + augment + mask (bad samples skipped,
+  counted by reason) -> batch.
+Captions travel as strings: the training step tokenises them, or looks their features up when the text tower is
+frozen (:class:`vilseg.text_cache.TextFeatureCache`).
 Shards are split inside webdataset, never through accelerate's batch dispatch: for an IterableDataset accelerate
 would otherwise read every batch on rank 0 and broadcast it.
 """
@@ -114,6 +118,8 @@ def _decode_caption(sample: dict, rng: np.random.Generator) -> str:
 
 
 def _decode_image(sample: dict) -> Image.Image:
+    if isinstance(sample.get("pil"), Image.Image):  # rendered in the stream (synthetic source)
+        return sample["pil"]
     for key in IMAGE_KEYS:
         if key in sample:
             with Image.open(io.BytesIO(sample[key])) as im:
@@ -144,15 +150,26 @@ def swap_word(caption: str, groups: list[list[str]], rng: np.random.Generator, e
     return None
 
 
-class DecodeAugmentTokenize:
-    """The map stage as a generator: decode, validate, multi-crop, tokenise; skip and count bad samples.
+class DecodeAugment:
+    """The map stage as a generator: decode, validate, multi-crop, mask; skip and count bad samples.
 
     Its RNG is seeded from (seed, rank, worker), so the stream is reproducible for exact resumption.
-    With ``swap_groups``, every sample also carries a tokenised hard-negative caption (``neg_*``, ``has_neg``).
+
+    Args:
+        crop: a :class:`~vilseg.data.multicrop.MultiCrop`.
+        skip_log: where skipped samples are counted.
+        seed: base seed.
+        captions: read the caption (False: image-only stage; captions, present or not, are ignored).
+        swap_groups: word groups for hard-negative captions (see :func:`swap_word`); every sample then also carries
+            ``neg_caption`` and ``has_neg``.
+        swap_exclude: phrases a hard-negative caption must never contain.
+        masking: a :class:`~vilseg.data.masking.BlockMasking`; every sample then carries ``masks``
+            [n_global, h, w] (True = patch to corrupt) for its global views.
     """
 
-    def __init__(self, crop, tokenizer, skip_log: SkipLog, seed: int, swap_groups=None, swap_exclude=()):
-        self.crop, self.tokenizer, self.skip_log, self.seed = crop, tokenizer, skip_log, seed
+    def __init__(self, crop, skip_log: SkipLog, seed: int, captions: bool = True, swap_groups=None,
+                 swap_exclude=(), masking=None):
+        self.crop, self.skip_log, self.seed, self.captions, self.masking = crop, skip_log, seed, captions, masking
         self.swap_groups = [list(map(str.lower, g)) for g in swap_groups or [] if len(g) > 1]
         self.swap_exclude = [p.lower() for p in swap_exclude or ()]
 
@@ -168,13 +185,8 @@ class DecodeAugmentTokenize:
                 yield out
 
     def _one(self, sample: dict, rng) -> dict | None:
-        try:
-            caption = _decode_caption(sample, rng)
-        except (KeyError, UnicodeDecodeError, json.JSONDecodeError) as exn:
-            self.skip_log.add("missing_caption" if isinstance(exn, KeyError) else "bad_caption")
-            return None
-        if not caption:
-            self.skip_log.add("empty_caption")
+        caption = self._caption(sample, rng) if self.captions else ""
+        if caption is None:
             return None
         try:
             image = _decode_image(sample)
@@ -186,19 +198,28 @@ class DecodeAugmentTokenize:
             return None
         views, boxes, flips = self.crop(image, rng)
         out = {"views": views, "boxes": boxes, "flips": flips, "caption": caption, "key": sample.get("__key__")}
-        if not self.swap_groups:
-            out.update({k: v[0] for k, v in self.tokenizer([caption]).items()})
-            return out
-        negative = swap_word(caption, self.swap_groups, rng, self.swap_exclude)
-        tokens = self.tokenizer([caption, negative or caption])  # one tokenizer call for both
-        out.update({k: v[0] for k, v in tokens.items()})
-        out.update({f"neg_{k}": v[1] for k, v in tokens.items()})
-        out["has_neg"] = torch.tensor(negative is not None)
+        if self.masking is not None:
+            out["masks"] = torch.from_numpy(np.stack([self.masking(rng) for _ in range(self.crop.n_global)]))
+        if self.captions and self.swap_groups:
+            negative = swap_word(caption, self.swap_groups, rng, self.swap_exclude)
+            out["neg_caption"] = negative or caption  # an invalid negative is masked out of the loss
+            out["has_neg"] = negative is not None
         return out
+
+    def _caption(self, sample: dict, rng) -> str | None:
+        try:
+            caption = _decode_caption(sample, rng)
+        except (KeyError, UnicodeDecodeError, json.JSONDecodeError) as exn:
+            self.skip_log.add("missing_caption" if isinstance(exn, KeyError) else "bad_caption")
+            return None
+        if not caption:
+            self.skip_log.add("empty_caption")
+            return None
+        return caption
 
 
 def collate(samples: list[dict]) -> dict:
-    """Stacks samples; ``views`` becomes a list (one [B, 3, S, S] tensor per view)."""
+    """Stacks samples; ``views`` becomes a list (one [B, 3, S, S] tensor per view), captions stay strings."""
     n_views = len(samples[0]["views"])
     skipped: Counter = Counter()
     for s in samples:
@@ -211,16 +232,18 @@ def collate(samples: list[dict]) -> dict:
         "keys": [s["key"] for s in samples],
         "skipped": dict(skipped),
     }
-    for key in ("input_ids", "attention_mask", "neg_input_ids", "neg_attention_mask", "has_neg"):
-        if key in samples[0]:
-            batch[key] = torch.stack([s[key] for s in samples])
+    if "masks" in samples[0]:
+        batch["masks"] = torch.stack([s["masks"] for s in samples])  # [B, G, h, w]
+    if "neg_caption" in samples[0]:
+        batch["neg_captions"] = [s["neg_caption"] for s in samples]
+        batch["has_neg"] = torch.tensor([s["has_neg"] for s in samples])
     return batch
 
 
 def read_captions(shards, n: int) -> list[str]:
     """The first ``n`` readable captions of a shard set, in shard order (one deterministic pass, no shuffling).
 
-    Used to fit the text subspace of a trained model (``ViLSeg.fit_text_subspace``); every process reads the same
+    Used to fit the text subspace of a trained model (``ViLSeg.fold_text_subspace``); every process reads the same
     captions, so every process fits the same subspace. Unreadable samples and shards are skipped.
     """
     import webdataset as wds
@@ -228,8 +251,11 @@ def read_captions(shards, n: int) -> list[str]:
     rng = np.random.default_rng(0)  # for samples that hold several captions
     captions: list[str] = []
     skip_log = SkipLog()
-    pipeline = wds.DataPipeline(wds.SimpleShardList(expand_urls(shards)),
-                                wds.tarfile_to_samples(handler=skip_log.tar_handler))
+    if isinstance(shards, str) and shards.startswith(SYNTHETIC):
+        pipeline = wds.DataPipeline(wds.SimpleShardList(synthetic_urls(shards)[:n]), _render_synthetic())
+    else:
+        pipeline = wds.DataPipeline(wds.SimpleShardList(expand_urls(shards)),
+                                    wds.tarfile_to_samples(handler=skip_log.tar_handler))
     for sample in pipeline:
         try:
             caption = _decode_caption(sample, rng)
@@ -244,41 +270,111 @@ def read_captions(shards, n: int) -> list[str]:
     return captions
 
 
-def make_train_stream(shards, tokenizer, crop, batch_size: int, seed: int = 0, resampled: bool = True,
-                      shuffle_buffer: int = 1000, swap_groups=None, swap_exclude=()):
+def list_image_files(folder: str | os.PathLike) -> list[str]:
+    """Every image file (``IMAGE_KEYS`` extensions, any case) below ``folder``, sorted; raises if there is none."""
+    from pathlib import Path
+
+    root = Path(folder)
+    files = sorted(str(p) for p in root.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_KEYS)
+    if not files:
+        raise FileNotFoundError(f"data.shards={str(folder)!r} is a folder with no image file "
+                                f"(looked for {', '.join('.' + k for k in IMAGE_KEYS)} below it)")
+    return files
+
+
+def _read_image_files(root: str, skip_log: SkipLog):
+    """Stage: {"url": path} -> {"__key__": path relative to root, "<ext>": bytes}; unreadable files are counted."""
+
+    def stage(source):
+        for item in source:
+            path = item["url"]
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+            except OSError:
+                skip_log.add("unreadable_file")
+                continue
+            ext = os.path.splitext(path)[1].lower().lstrip(".")
+            yield {"__key__": os.path.relpath(path, root), "__url__": path, ext: data}
+
+    return stage
+
+
+SYNTHETIC = "synthetic:"
+
+
+def synthetic_urls(spec: str) -> list[str]:
+    """``"synthetic:N"`` -> N scene ids of the synthetic training world (rendered in the stream, nothing on disk)."""
+    count = spec[len(SYNTHETIC):] or "10000"
+    if not count.isdigit() or int(count) < 1:
+        raise ValueError(f"data.shards={spec!r}: write synthetic:N with N >= 1 scenes, e.g. synthetic:2000")
+    return [f"{SYNTHETIC}{i}" for i in range(int(count))]
+
+
+def _render_synthetic():
+    """Stage: {"url": "synthetic:i"} -> scene i of the synthetic training world (64 px, seed 0) as a sample."""
+    from .synthetic import SyntheticWorld
+
+    world = SyntheticWorld("train")
+
+    def stage(source):
+        for item in source:
+            index = int(item["url"][len(SYNTHETIC):])
+            scene = world.scene(index)
+            yield {"__key__": f"{index:08d}", "pil": Image.fromarray(scene.image), "txt": scene.caption.encode()}
+
+    return stage
+
+
+def make_train_stream(shards, crop, batch_size: int, seed: int = 0, resampled: bool = True,
+                      shuffle_buffer: int = 1000, captions: bool = True, swap_groups=None, swap_exclude=(),
+                      masking=None):
     """Builds the training ``wds.DataPipeline`` (an IterableDataset yielding collated batches).
 
     Args:
         shards: brace pattern, '::'-joined string or list of shard URLs (local paths, ``pipe:``, ``https://``,
-            ``s3://``... anything webdataset's gopen opens).
-        tokenizer: callable list[str] -> dict of [B, L] tensors.
+            ``s3://``... anything webdataset's gopen opens), a local folder of images (image-only stages), or
+            ``synthetic:N`` (N scenes of the synthetic world rendered on the fly: debug presets, fresh clones).
         crop: a :class:`~vilseg.data.multicrop.MultiCrop`.
         batch_size: per-process batch size.
         seed: seeds the shard sampler, the shuffle buffer and the augmentation RNG.
-        resampled: infinite stream of shards drawn with replacement (seeded per rank and worker) instead of
-            one pass over the shard list split by node and worker.
+        resampled: infinite stream of shards (or images) drawn with replacement (seeded per rank and worker)
+            instead of one pass over the list split by node and worker.
         shuffle_buffer: samples held by the shuffle buffer.
+        captions: read captions (False: image-only; captions are ignored and samples need none).
         swap_groups: word groups for hard-negative captions (see :func:`swap_word`); None for none.
         swap_exclude: phrases a hard-negative caption must never contain.
+        masking: a :class:`~vilseg.data.masking.BlockMasking` for the global views, or None.
     """
     import webdataset as wds
 
-    urls = expand_urls(shards)
+    folder = isinstance(shards, (str, os.PathLike)) and os.path.isdir(shards)
+    if folder and captions:
+        raise ValueError(f"data.shards={str(shards)!r} is a folder of images: it has no captions, so it can only "
+                         f"feed objectives that need none (an image-only stage)")
+    synthetic = isinstance(shards, str) and shards.startswith(SYNTHETIC)
+    urls = list_image_files(shards) if folder else synthetic_urls(shards) if synthetic else expand_urls(shards)
     skip_log = SkipLog()
     if resampled:
-        # Every (rank, worker) draws its own shard sequence: deterministic=True seeds it with rank*1000+worker.
-        shard_stages = [wds.ResampledShards(urls, seed=seed, deterministic=True)]
+        # Every (rank, worker) draws its own sequence: deterministic=True seeds it with rank*1000+worker.
+        source_stages = [wds.ResampledShards(urls, seed=seed, deterministic=True)]
     else:
-        shard_stages = [
+        source_stages = [
             wds.SimpleShardList(urls),
-            wds.detshuffle(bufsize=len(urls), initial=len(urls), seed=seed),  # shard order
+            wds.detshuffle(bufsize=len(urls), initial=len(urls), seed=seed),  # shard (or file) order
             wds.split_by_node,  # this rank's shards
             wds.split_by_worker,  # this DataLoader worker's shards
         ]
+    if folder:
+        to_samples = _read_image_files(str(shards), skip_log)  # image files: read, unreadable counted
+    elif synthetic:
+        to_samples = _render_synthetic()  # scenes rendered here
+    else:
+        to_samples = wds.tarfile_to_samples(handler=skip_log.tar_handler)  # bad tars: counted, skipped
     return wds.DataPipeline(
-        *shard_stages,
-        wds.tarfile_to_samples(handler=skip_log.tar_handler),  # unreadable/truncated tars: counted, skipped
+        *source_stages,
+        to_samples,
         wds.detshuffle(bufsize=shuffle_buffer, initial=min(shuffle_buffer, 100), seed=seed),  # sample order
-        DecodeAugmentTokenize(crop, tokenizer, skip_log, seed, swap_groups, swap_exclude),  # decode, validate, augment, tokenise
+        DecodeAugment(crop, skip_log, seed, captions, swap_groups, swap_exclude, masking),  # decode, augment, mask
         wds.batched(batch_size, collation_fn=collate, partial=False),
     )

@@ -1,6 +1,12 @@
-"""Losses: one small module per objective; each returns a dict of named terms."""
-from .clustering import IICLoss, align_to_box, overlap_boxes
-from .cross_modal import CrossModalInfoNCE
-from .vision_contrast import VisionContrast
+"""Losses as pure functions: tensors in, a scalar out, the formula in each docstring.
 
-__all__ = ["CrossModalInfoNCE", "IICLoss", "VisionContrast", "align_to_box", "overlap_boxes"]
+Objectives (:mod:`vilseg.objectives`) own the heads, state and schedules; these functions own the maths. Every one is
+tested against a naive loop implementation, forward and gradient (``tests/test_losses.py``).
+"""
+from .clustering import align_to_box, iic_loss, overlap_boxes
+from .contrastive import cross_modal_infonce, global_contrast, vision_contrast
+from .distillation import distillation_loss
+from .reconstruction import masked_l1
+
+__all__ = ["align_to_box", "cross_modal_infonce", "distillation_loss", "global_contrast", "iic_loss", "masked_l1",
+           "overlap_boxes", "vision_contrast"]

@@ -1,43 +1,34 @@
-"""IIC mutual-information clustering loss (Ji et al. 2019) on patch assignments of two aligned views."""
+"""IIC mutual-information clustering loss (Ji et al. 2019) and the geometry that aligns two views' patch grids."""
 from __future__ import annotations
 
 import torch
-from torch import nn
 from torchvision.ops import roi_align
 
 
-class IICLoss(nn.Module):
-    """Negative mutual information between the cluster assignments of aligned patch pairs.
+def iic_loss(p1: torch.Tensor, p2: torch.Tensor, lam: float = 1.0, eps: float = 1e-8) -> torch.Tensor:
+    """Negative mutual information between the cluster assignments of aligned patch pairs (IIC, Ji et al. 2019).
 
     With Phi(z_i), Phi(z'_i) in the C-simplex for n aligned pairs:
 
         P = 1/n sum_i Phi(z_i) Phi(z'_i)^T ;  P <- (P + P^T)/2 ;  P <- P / sum(P) ;  P clamped at eps
         L_clu = - sum_{c,c'} P_cc' ( log P_cc' - lambda log P_c - lambda log P_c' )
 
-    lambda > 1 pushes harder towards using every cluster (IIC's entropy weight). Always computed in fp32:
-    the logs of small joint probabilities underflow in half precision.
+    lambda > 1 pushes harder towards using every cluster (IIC's entropy weight). Always computed in fp32: the logs
+    of small joint probabilities underflow in half precision.
 
     Args:
+        p1, p2: [n, C] probabilities of aligned pairs.
         lam: lambda (1 is exact mutual information).
         eps: clamp for P (IIC uses sys.float_info.epsilon; 1e-8 is safe in fp32).
     """
-
-    def __init__(self, lam: float = 1.0, eps: float = 1e-8):
-        super().__init__()
-        self.lam = lam
-        self.eps = eps
-
-    def forward(self, p1: torch.Tensor, p2: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Args: [n, C] probabilities of aligned pairs. Returns ``{"clu": loss}``."""
-        with torch.autocast(device_type=p1.device.type, enabled=False):
-            p1, p2 = p1.float(), p2.float()
-            joint = p1.t() @ p2 / p1.shape[0]  # [C, C]
-            joint = (joint + joint.t()) / 2
-            joint = (joint / joint.sum()).clamp_min(self.eps)
-            pi = joint.sum(1, keepdim=True)  # [C, 1]
-            pj = joint.sum(0, keepdim=True)  # [1, C]
-            mi = (joint * (joint.log() - self.lam * pi.log() - self.lam * pj.log())).sum()
-        return {"clu": -mi}
+    with torch.autocast(device_type=p1.device.type, enabled=False):
+        p1, p2 = p1.float(), p2.float()
+        joint = p1.t() @ p2 / p1.shape[0]  # [C, C]
+        joint = (joint + joint.t()) / 2
+        joint = (joint / joint.sum()).clamp_min(eps)
+        pi = joint.sum(1, keepdim=True)  # [C, 1]
+        pj = joint.sum(0, keepdim=True)  # [1, C]
+        return -(joint * (joint.log() - lam * pi.log() - lam * pj.log())).sum()
 
 
 def overlap_boxes(box_a: torch.Tensor, box_b: torch.Tensor, min_size: float = 1e-3):

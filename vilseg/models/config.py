@@ -39,17 +39,7 @@ class TextEncoderConfig:
 class ModelConfig:
     image: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
-    embed_dim: int = 256  # joint image-text space
-    # "linear" (trained), "linear_identity_init" (trained from the identity) or "identity" (locked text space,
-    # LiT-style: the joint space is the text tower's own, so words never seen in training keep the tower's geometry;
-    # needs text width == embed_dim)
-    text_proj: str = "linear"
-    # Dimension k of the training-caption subspace that text features are projected onto before text_proj
-    # (0: off). Not set by hand: ViLSeg.fit_text_subspace sets it (training's export does, with train.text_subspace),
-    # and it sizes the two buffers that hold the subspace so that from_pretrained can load them.
-    text_subspace: int = 0
-    vision_dim: int = 128  # output of the vision-contrast head (student and EMA teacher)
-    vision_hidden: int = 512
+    embed_dim: int = 256  # joint image-text width
     n_clusters: int = 32  # C, clusters of the online clustering head
     cluster_hidden: int = 256
     init_logit_scale: float = 2.6593  # ln(1/0.07), CLIP's initial temperature

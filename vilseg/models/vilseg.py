@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -11,37 +10,33 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig, model_config_from_dict
-from .heads import ClusterHead, mlp
-from .image_encoder import ImageEncoder, build_image_encoder, tokens_to_map
+from .heads import ClusterHead
+from .image_encoder import ImageEncoder, ImageFeatures, build_image_encoder, tokens_to_map
 from .text_encoder import build_text_encoder
 
-MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's clamp: a temperature below 0.01 destabilises training
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 TEXT_ASSETS = "text_encoder"
 
 
 class ViLSeg(nn.Module):
-    """Image and text towers with the heads ViL-Seg trains; computes embeddings, never losses.
+    """Image and text towers with the joint projections and the clustering head; computes embeddings, never losses.
+
+    Training-only heads (the vision-contrast head, MMC's heads, ...) belong to the objectives that train them
+    (:mod:`vilseg.objectives`); this module holds what inference needs.
 
     Args:
         image_encoder: :class:`ImageEncoder`.
         text_encoder: a text tower with ``forward(input_ids, attention_mask) -> [B, W]`` and a ``tokenizer``.
         embed_dim: joint image-text width E.
-        vision_dim: output width of the vision-contrast head.
-        vision_hidden: hidden width of the vision-contrast head.
         n_clusters: C.
         cluster_hidden: hidden width of the clustering head.
         init_logit_scale: initial log of the cross-modal logit scale.
-        text_proj: "linear", "linear_identity_init" or "identity" (locked text space).
-        text_subspace: k > 0 allocates the buffers of a fitted training-caption subspace (see
-            :meth:`fit_text_subspace`); 0 for none.
         config: the :class:`ModelConfig` that built this model (saved with the weights).
     """
 
-    def __init__(self, image_encoder: ImageEncoder, text_encoder: nn.Module, embed_dim: int, vision_dim: int,
-                 vision_hidden: int, n_clusters: int, cluster_hidden: int, init_logit_scale: float,
-                 config: ModelConfig | None = None, text_proj: str = "linear", text_subspace: int = 0):
+    def __init__(self, image_encoder: ImageEncoder, text_encoder: nn.Module, embed_dim: int, n_clusters: int,
+                 cluster_hidden: int, init_logit_scale: float, config: ModelConfig | None = None):
         super().__init__()
         self.image_encoder = image_encoder
         self.text_encoder = text_encoder
@@ -49,28 +44,10 @@ class ViLSeg(nn.Module):
         # Linear, so that with avg pooling the global joint embedding is the mean of the patch joint embeddings:
         # the cross-modal contrast then shapes the dense embeddings the segmenter reads.
         self.image_proj = nn.Linear(width, embed_dim)
-        if text_proj == "identity":
-            if text_encoder.width != embed_dim:
-                raise ValueError(f"text_proj='identity' needs embed_dim == text width ({text_encoder.width}), "
-                                 f"got embed_dim={embed_dim}")
-            self.text_proj = nn.Identity()
-        elif text_proj in ("linear", "linear_identity_init"):
-            self.text_proj = nn.Linear(text_encoder.width, embed_dim)
-            if text_proj == "linear_identity_init":  # trained, but starting from the text tower's own geometry
-                if text_encoder.width != embed_dim:
-                    raise ValueError("text_proj='linear_identity_init' needs embed_dim == text width")
-                nn.init.eye_(self.text_proj.weight)
-                nn.init.zeros_(self.text_proj.bias)
-        else:
-            raise ValueError(f"text_proj must be 'linear', 'linear_identity_init' or 'identity', got {text_proj!r}")
-        self.vision_head = mlp(width, vision_hidden, vision_dim)
+        self.text_proj = nn.Linear(text_encoder.width, embed_dim)
         self.cluster_head = ClusterHead(width, cluster_hidden, n_clusters)
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
         self.config = config
-        # Training-caption subspace of the text features (None until fitted; None buffers are not in state_dict).
-        k = int(text_subspace)
-        self.register_buffer("text_mean", torch.zeros(text_encoder.width) if k else None)
-        self.register_buffer("text_basis", torch.zeros(text_encoder.width, k) if k else None)
 
     @property
     def tokenizer(self):
@@ -84,32 +61,29 @@ class ViLSeg(nn.Module):
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """[B, L] tokens -> [B, E] L2-normalised joint-space text embeddings."""
-        return F.normalize(self.text_proj(self.project_text_features(self.text_encoder(input_ids, attention_mask))),
-                           dim=-1)
+        return self.embed_text_features(self.text_encoder(input_ids, attention_mask))
 
-    def project_text_features(self, feats: torch.Tensor) -> torch.Tensor:
-        """Text-tower features -> their projection onto the fitted training-caption subspace (identity if none).
-
-        ``t' = mu + U U^T (t - mu)``, with mu the mean and U [W, k] the top-k principal directions of the training
-        captions' features. See :meth:`fit_text_subspace`.
-        """
-        if self.text_basis is None:
-            return feats
-        basis = self.text_basis.to(feats.dtype)
-        centred = feats - self.text_mean.to(feats.dtype)
-        return self.text_mean.to(feats.dtype) + (centred @ basis) @ basis.t()
+    def embed_text_features(self, feats: torch.Tensor) -> torch.Tensor:
+        """[B, W] text-tower features (e.g. cached ones of a frozen tower) -> [B, E] normalised joint embeddings."""
+        return F.normalize(self.text_proj(feats), dim=-1)
 
     @torch.no_grad()
-    def fit_text_subspace(self, texts: list[str], variance: float = 0.95, batch_size: int = 256) -> int:
-        """Fits the subspace that text features are projected onto before ``text_proj``; returns its dimension k.
+    def fold_text_subspace(self, texts: list[str], variance: float = 0.95, batch_size: int = 256) -> int:
+        """Restricts the text projection to the principal subspace of the training captions' features; returns k.
 
-        The text projection is trained only on the directions the training captions span. Any other direction
-        of a query (a word training never used, such as a synonym) meets weights that received no gradient and
-        still hold their random initialisation, which scrambles the query. Projecting features onto the span of
-        the training captions' features first (the smallest k principal directions that explain ``variance`` of
-        their variance, around their mean) drops that untrained part and keeps what the query shares with the
-        training vocabulary. With a web-scale caption set the subspace is close to the full space and this is
-        nearly a no-op; with a narrow vocabulary it matters (docs/results.md, fifth session).
+        The text projection is trained only along the directions that the training captions' features span. Any
+        other direction of a query (a word training never used, such as a synonym) meets weights that received no
+        gradient and still hold their random initialisation, which scrambles the query. Projecting the features
+        onto the span of the captions first, ``t' = mu + U U^T (t - mu)`` (mu their mean, U [W, k] the fewest
+        principal directions that keep ``variance`` of their variance), drops that untrained part and keeps what
+        the query shares with the training vocabulary. With a web-scale caption set the subspace is nearly the whole
+        space and this is close to a no-op; with a narrow vocabulary it matters (docs/results.md).
+
+        The projection is linear, so it is folded into ``text_proj``: with text_proj(t) = W t + b,
+
+            W' = W U U^T ,   b' = b + W (mu - U U^T mu)
+
+        and inference keeps one text path. Folding twice composes the two projections.
 
         Args:
             texts: training captions (a few thousand suffice).
@@ -120,7 +94,7 @@ class ViLSeg(nn.Module):
             raise ValueError(f"variance must be in (0, 1], got {variance!r}")
         texts = [t for t in texts if isinstance(t, str) and t.strip()]
         if len(texts) < 2:
-            raise ValueError(f"fit_text_subspace needs at least 2 non-empty captions, got {len(texts)}")
+            raise ValueError(f"fold_text_subspace needs at least 2 non-empty captions, got {len(texts)}")
         device = self.logit_scale.device
         was_training = self.text_encoder.training
         self.text_encoder.eval()
@@ -131,14 +105,14 @@ class ViLSeg(nn.Module):
         self.text_encoder.train(was_training)
         feats = torch.cat(feats)
         mean = feats.mean(0)
-        _, sv, vh = torch.linalg.svd(feats - mean, full_matrices=False)
+        _, sv, vh = torch.linalg.svd(feats - mean, full_matrices=False)  # float64: close singular values
         energy = (sv ** 2).cumsum(0) / (sv ** 2).sum().clamp_min(1e-30)
-        k = int(torch.searchsorted(energy, torch.tensor(variance, dtype=energy.dtype) - 1e-12).item()) + 1
-        k = min(k, vh.shape[0])
-        self.text_mean = mean.float()
-        self.text_basis = vh[:k].t().float().contiguous()
-        if self.config is not None:
-            self.config = dataclasses.replace(self.config, text_subspace=k)
+        k = min(int(torch.searchsorted(energy, torch.tensor(variance, dtype=energy.dtype) - 1e-12).item()) + 1,
+                vh.shape[0])
+        projector = vh[:k].t() @ vh[:k]  # [W, W] = U U^T
+        weight = self.text_proj.weight.double()
+        self.text_proj.bias.add_((weight @ (mean - projector @ mean)).to(self.text_proj.bias.dtype))
+        self.text_proj.weight.copy_((weight @ projector).to(self.text_proj.weight.dtype))
         return k
 
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
@@ -146,6 +120,15 @@ class ViLSeg(nn.Module):
         device = self.logit_scale.device
         tokens = {k: v.to(device) for k, v in self.tokenizer(texts).items()}
         return self.encode_text(tokens["input_ids"], tokens.get("attention_mask"))
+
+    def embed_image(self, global_token: torch.Tensor) -> torch.Tensor:
+        """[B, D] global tokens -> [B, E] L2-normalised joint-space image embeddings."""
+        return F.normalize(self.image_proj(global_token), dim=-1)
+
+    def cluster_logits(self, feats: ImageFeatures, detach: bool = False) -> torch.Tensor:
+        """Clustering-head logits of every patch, [B, C, h, w]; ``detach`` keeps their gradient out of the encoder."""
+        tokens = feats.patch_tokens.detach() if detach else feats.patch_tokens
+        return tokens_to_map(self.cluster_head(tokens), feats.grid)
 
     def dense_embeddings(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Inference view of one batch of normalised images.
@@ -156,44 +139,13 @@ class ViLSeg(nn.Module):
         """
         feats = self.image_encoder(images)
         patch_joint = self.image_proj(feats.patch_tokens)  # [B, N, E]
-        probs = self.cluster_head(feats.patch_tokens).softmax(-1)  # [B, N, C]
         return {
             "patch_embed": tokens_to_map(F.normalize(patch_joint, dim=-1), feats.grid),
-            "cluster_probs": tokens_to_map(probs, feats.grid),
-            "image_embed": F.normalize(self.image_proj(feats.global_token), dim=-1),
+            "cluster_probs": self.cluster_logits(feats).softmax(1),
+            "image_embed": self.embed_image(feats.global_token),
         }
 
-    def forward(self, views: list[torch.Tensor], input_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, vision: bool = True, n_cluster_views: int = 0,
-                patch_masks: list[torch.Tensor | None] | None = None, detach_cluster_input: bool = False) -> dict:
-        """Training view: embeddings for every augmented view of a batch.
-
-        Args:
-            views: list of [B, 3, H_v, W_v] normalised images; ``views[0]`` is paired with the captions.
-            input_ids: [B, L] caption tokens (optional).
-            attention_mask: [B, L].
-            vision: also return the vision-head embedding of every view.
-            n_cluster_views: return cluster logits for the first this-many views.
-            patch_masks: optional per-view [B, h, w] bool masks.
-            detach_cluster_input: the clustering head sees detached patch tokens, so the clustering loss trains the
-                head only and never the encoder.
-
-        Returns:
-            dict: ``image_embed`` [B, E] (view 0), ``text_embed`` [B, E], ``vision_embed`` list of [B, P],
-            ``cluster_logits`` list of [B, C, h, w], ``logit_scale`` (scalar, clamped, exponentiated).
-        """
-        out: dict = {"logit_scale": self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()}
-        masks = patch_masks or [None] * len(views)
-        feats = [self.image_encoder(v, patch_mask=m) for v, m in zip(views, masks)]
-        out["image_embed"] = F.normalize(self.image_proj(feats[0].global_token), dim=-1)
-        if input_ids is not None:
-            out["text_embed"] = self.encode_text(input_ids, attention_mask)
-        if vision:
-            out["vision_embed"] = [F.normalize(self.vision_head(f.global_token), dim=-1) for f in feats]
-        out["cluster_logits"] = [
-            tokens_to_map(self.cluster_head(f.patch_tokens.detach() if detach_cluster_input else f.patch_tokens), f.grid)
-            for f in feats[:n_cluster_views]]
-        return out
+    forward = dense_embeddings
 
     # ------------------------------------------------------------------ checkpoints
     def save_pretrained(self, directory: str | Path) -> Path:
@@ -240,7 +192,6 @@ def build_vilseg(cfg: ModelConfig, text_asset_dir=None) -> ViLSeg:
     return ViLSeg(
         image_encoder=build_image_encoder(cfg.image),
         text_encoder=build_text_encoder(cfg.text, asset_dir=text_asset_dir),
-        embed_dim=cfg.embed_dim, vision_dim=cfg.vision_dim, vision_hidden=cfg.vision_hidden,
-        n_clusters=cfg.n_clusters, cluster_hidden=cfg.cluster_hidden, init_logit_scale=cfg.init_logit_scale,
-        config=cfg, text_proj=cfg.text_proj, text_subspace=cfg.text_subspace,
+        embed_dim=cfg.embed_dim, n_clusters=cfg.n_clusters, cluster_hidden=cfg.cluster_hidden,
+        init_logit_scale=cfg.init_logit_scale, config=cfg,
     )

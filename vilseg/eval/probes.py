@@ -1,0 +1,280 @@
+"""Probes of an image encoder's patch features on a labelled split (images/ + masks/ + meta.json).
+
+- :func:`prompt_patch_segmentation` (MMC): one patch on an object prompts a cosine-similarity map to every patch;
+  thresholded at theta it is a zero-shot segmentation of that object.
+- :func:`intra_inter_similarity` (MMC): cosine similarities of patch pairs inside one object against pairs across
+  objects (or object and background); MMC claims its pretraining separates the two.
+- :func:`linear_probe`: how linearly decodable an attribute (shape, colour) is from each object's pooled patch
+  features, cross-validated by image.
+- :func:`patch_naming_accuracy`: per foreground pixel, whether the best text query names the right attribute
+  (needs a text-aligned model).
+
+Objects are the connected components of each class label of the masks (:func:`instance_masks`).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+THETAS = tuple(np.round(np.arange(0.1, 0.91, 0.1), 2))
+
+
+def instance_masks(label: np.ndarray, min_pixels: int = 16) -> list[tuple[int, np.ndarray]]:
+    """[H, W] class labels (0 background, 255 ignored) -> [(class, [H, W] bool mask)] of every 4-connected object
+    with at least ``min_pixels`` pixels."""
+    from ..segment import connected_components
+
+    lab = torch.from_numpy(label.astype(np.int64))
+    comp = connected_components(lab[None])[0]
+    out = []
+    for cid in torch.unique(comp[(lab > 0) & (lab != 255)]).tolist():
+        mask = (comp == cid).numpy()
+        if mask.sum() >= min_pixels:
+            out.append((int(label[mask][0]), mask))
+    return out
+
+
+class EncoderFeatures:
+    """L2-normalised patch features of images, from a vilseg model's image encoder (the backbone, before any
+    projection) or, with ``joint=True``, from its joint-space patch embeddings.
+
+    Args:
+        model: a :class:`~vilseg.ViLSeg`.
+        joint: use the joint image-text space instead of the encoder's tokens.
+        device: torch device.
+    """
+
+    def __init__(self, model, joint: bool = False, device: str | torch.device = "cpu"):
+        self.model, self.joint, self.device = model.to(device).eval(), joint, torch.device(device)
+        self.patch = model.image_encoder.patch_size
+
+    @torch.no_grad()
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        """RGB image (side a multiple of the patch size) -> [D, h, w] normalised patch features."""
+        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None].to(self.device)
+        feats = self.model.image_encoder(self.model.image_encoder.normalize(x))
+        tokens = self.model.image_proj(feats.patch_tokens) if self.joint else feats.patch_tokens  # [1, N, D]
+        h, w = feats.grid
+        return F.normalize(tokens[0], dim=-1).t().reshape(-1, h, w).cpu()
+
+
+def _load(item) -> tuple[Image.Image, np.ndarray]:
+    _, image_path, mask_path = item
+    return Image.open(image_path).convert("RGB"), np.asarray(Image.open(mask_path))
+
+
+def _prompt_point(mask: np.ndarray, rng: np.random.Generator | None) -> tuple[int, int]:
+    """(y, x) of the mask centroid snapped to the nearest mask pixel, or a random interior pixel with ``rng``."""
+    ys, xs = np.nonzero(mask)
+    if rng is not None:
+        i = rng.integers(len(ys))
+    else:
+        i = int(np.argmin((ys - ys.mean()) ** 2 + (xs - xs.mean()) ** 2))
+    return int(ys[i]), int(xs[i])
+
+
+def prompt_patch_segmentation(features: EncoderFeatures, items, thetas=THETAS, seed: int = 0) -> dict:
+    """MMC's prompting-patch zero-shot segmentation, averaged over every object of the split.
+
+    For each object: the patch under the prompt point gives a feature f; its cosine similarity to every patch,
+    upsampled bilinearly to the image, thresholded at theta, is the predicted mask, scored by IoU with the object.
+
+    Returns:
+        for each prompt ("centroid": the mask centroid snapped inside the mask; "random": a random interior pixel):
+        ``sweep`` (theta -> mean IoU, %), ``best_theta``, ``best_miou`` (best fixed theta) and ``oracle_miou``
+        (each object's best theta), plus ``objects``.
+    """
+    rng = np.random.default_rng(seed)
+    ious = {"centroid": [], "random": []}
+    for item in items:
+        image, label = _load(item)
+        feats = features(image)  # [D, h, w]
+        d, h, w = feats.shape
+        height, width = label.shape
+        for _, mask in instance_masks(label):
+            for prompt in ious:
+                y, x = _prompt_point(mask, rng if prompt == "random" else None)
+                f = feats[:, y * h // height, x * w // width]
+                sim = torch.einsum("d,dhw->hw", f, feats)[None, None]
+                sim = F.interpolate(sim, size=(height, width), mode="bilinear", align_corners=False)[0, 0].numpy()
+                row = []
+                for theta in thetas:
+                    pred = sim >= theta
+                    union = (pred | mask).sum()
+                    row.append((pred & mask).sum() / union if union else 0.0)
+                ious[prompt].append(row)
+    out = {}
+    for prompt, rows in ious.items():
+        rows = 100 * np.array(rows)  # [objects, thetas]
+        sweep = rows.mean(0)
+        best = int(sweep.argmax())
+        out[prompt] = {"sweep": {float(t): float(v) for t, v in zip(thetas, sweep)}, "best_theta": float(thetas[best]),
+                       "best_miou": float(sweep[best]), "oracle_miou": float(rows.max(1).mean())}
+    out["objects"] = len(ious["centroid"])
+    return out
+
+
+def intra_inter_similarity(features: EncoderFeatures, items, bins: int = 100, plot: str | None = None) -> dict:
+    """MMC's intra- vs inter-object similarity of patch features.
+
+    Every patch takes the object covering most of its pixels (background if none). Intra: pairs of distinct
+    patches of one object. Inter: pairs of patches of two different objects, or of an object and the background
+    (background-background pairs are neither).
+
+    Returns:
+        ``intra_mean``, ``inter_mean``, ``overlap`` (histogram intersection of the two normalised histograms over
+        [-1, 1], in %: 0 = fully separated, 100 = identical), ``auc`` (probability that an intra pair is more
+        similar than an inter pair), pair counts; writes a histogram PNG to ``plot`` if given.
+    """
+    intra, inter = [], []
+    for item in items:
+        image, label = _load(item)
+        feats = features(image)
+        d, h, w = feats.shape
+        owner = np.zeros(label.shape, np.int64)
+        for k, (_, mask) in enumerate(instance_masks(label), start=1):
+            owner[mask] = k
+        patch_owner = _majority(owner, h, w).reshape(-1)  # [N]
+        flat = feats.reshape(d, -1).t()  # [N, D]
+        sim = (flat @ flat.t()).numpy()
+        same = patch_owner[:, None] == patch_owner[None, :]
+        fg_i, fg_j = patch_owner[:, None] > 0, patch_owner[None, :] > 0
+        upper = np.triu(np.ones_like(same), 1)
+        intra.append(sim[upper & same & fg_i])
+        inter.append(sim[upper & ~same & (fg_i | fg_j)])
+    intra, inter = np.concatenate(intra), np.concatenate(inter)
+    edges = np.linspace(-1, 1, bins + 1)
+    h_intra = np.histogram(intra, edges)[0] / max(len(intra), 1)
+    h_inter = np.histogram(inter, edges)[0] / max(len(inter), 1)
+    out = {"intra_mean": float(intra.mean()), "inter_mean": float(inter.mean()),
+           "overlap": float(100 * np.minimum(h_intra, h_inter).sum()), "auc": _auc(intra, inter),
+           "intra_pairs": int(len(intra)), "inter_pairs": int(len(inter))}
+    if plot:
+        _plot_histograms(edges, h_intra, h_inter, out, plot)
+    return out
+
+
+def _majority(owner: np.ndarray, h: int, w: int) -> np.ndarray:
+    """[H, W] object ids -> [h, w] the id covering most of each patch's pixels."""
+    height, width = owner.shape
+    ph, pw = height // h, width // w
+    blocks = owner[:h * ph, :w * pw].reshape(h, ph, w, pw).transpose(0, 2, 1, 3).reshape(h, w, -1)
+    return np.apply_along_axis(lambda v: np.bincount(v).argmax(), 2, blocks)
+
+
+def _auc(pos: np.ndarray, neg: np.ndarray) -> float:
+    """P(pos > neg) + P(pos == neg) / 2, from ranks (Mann-Whitney U)."""
+    values = np.concatenate([pos, neg])
+    order = values.argsort(kind="mergesort")
+    ranks = np.empty(len(values))
+    ranks[order] = np.arange(1, len(values) + 1)
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    cumulative = np.cumsum(counts)
+    ranks = (cumulative - (counts - 1) / 2)[inverse]  # average ranks for ties
+    u = ranks[:len(pos)].sum() - len(pos) * (len(pos) + 1) / 2
+    return float(u / (len(pos) * len(neg)))
+
+
+def _plot_histograms(edges, h_intra, h_inter, stats: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    centres = (edges[1:] + edges[:-1]) / 2
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    ax.fill_between(centres, h_intra, step="mid", alpha=0.5, label=f"intra-object (mean {stats['intra_mean']:.2f})")
+    ax.fill_between(centres, h_inter, step="mid", alpha=0.5, label=f"inter-object (mean {stats['inter_mean']:.2f})")
+    ax.set_xlabel("cosine similarity of two patches")
+    ax.set_ylabel("fraction of pairs")
+    ax.set_title(f"overlap {stats['overlap']:.1f}%   AUC {stats['auc']:.3f}")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def object_features(features: EncoderFeatures, items) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every object's patch features, averaged with weights = the fraction of each patch it covers, then
+    L2-normalised. Returns ([n, D] features, [n] class labels, [n] image index)."""
+    feats_out, labels, groups = [], [], []
+    for index, item in enumerate(items):
+        image, label = _load(item)
+        feats = features(image)
+        d, h, w = feats.shape
+        for cls, mask in instance_masks(label):
+            cover = F.adaptive_avg_pool2d(torch.from_numpy(mask.astype(np.float32))[None], (h, w))[0]  # [h, w]
+            pooled = (feats * cover).sum((1, 2)) / cover.sum()
+            feats_out.append(F.normalize(pooled, dim=0).numpy())
+            labels.append(cls)
+            groups.append(index)
+    return np.stack(feats_out), np.array(labels), np.array(groups)
+
+
+def linear_probe(x: np.ndarray, y: np.ndarray, groups: np.ndarray, folds: int = 5, l2: float = 1e-3,
+                 seed: int = 0) -> float:
+    """Balanced accuracy (mean per-class recall, %) of a multinomial logistic regression, cross-validated with
+    ``folds`` folds of whole images (no image is both trained and tested on). Features are standardised on each
+    training fold; the regression is fitted with L-BFGS and an L2 penalty ``l2`` (torch, float64).
+    """
+    rng = np.random.default_rng(seed)
+    x = x.astype(np.float64)
+    images = rng.permutation(np.unique(groups))
+    fold_of = {g: i % folds for i, g in enumerate(images)}
+    fold = np.array([fold_of[g] for g in groups])
+    classes = np.unique(y)
+    target = np.searchsorted(classes, y)
+    correct = np.zeros(len(classes))
+    total = np.zeros(len(classes))
+    for k in range(folds):
+        train, test = fold != k, fold == k
+        if not test.any() or len(np.unique(target[train])) < 2:
+            continue
+        mean, std = x[train].mean(0), x[train].std(0) + 1e-6
+        xt = torch.from_numpy((x[train] - mean) / std)
+        yt = torch.from_numpy(target[train])
+        weight = torch.zeros(x.shape[1], len(classes), dtype=torch.float64, requires_grad=True)
+        bias = torch.zeros(len(classes), dtype=torch.float64, requires_grad=True)
+        optimizer = torch.optim.LBFGS([weight, bias], max_iter=200, line_search_fn="strong_wolfe")
+
+        def closure():
+            optimizer.zero_grad()
+            loss = F.cross_entropy(xt @ weight + bias, yt) + l2 * weight.pow(2).sum()
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+        with torch.no_grad():
+            pred = (torch.from_numpy((x[test] - mean) / std) @ weight + bias).argmax(1).numpy()
+        for c in range(len(classes)):
+            sel = target[test] == c
+            correct[c] += (pred[sel] == c).sum()
+            total[c] += sel.sum()
+    seen = total > 0
+    return float(100 * (correct[seen] / total[seen]).mean())
+
+
+@torch.no_grad()
+def patch_naming_accuracy(segmenter, items, names: list[str]) -> dict:
+    """Per ground-truth foreground pixel, the dense read-out's best query (no background threshold): the fraction
+    (%) whose class, colour and shape are right (names are "<colour> <shape>"; chance 1/Q, and 1/4 for the
+    synthetic world's colours and shapes). ``segmenter`` must use ``readout="dense"`` with ``names`` as queries."""
+    from ..evaluate import class_scores
+
+    colour = [n.split()[0] for n in names]
+    shape = [n.split()[-1] for n in names]
+    same_colour = torch.tensor([[a == b for b in colour] for a in colour])
+    same_shape = torch.tensor([[a == b for b in shape] for a in shape])
+    total = right = right_colour = right_shape = 0
+    for scores, label in class_scores(segmenter, items):
+        label = torch.from_numpy(np.array(label, dtype=np.int64))
+        fg = (label > 0) & (label != 255)
+        truth, pred = label[fg] - 1, scores.argmax(0)[fg]
+        total += truth.numel()
+        right += (truth == pred).sum().item()
+        right_colour += same_colour[truth, pred].sum().item()
+        right_shape += same_shape[truth, pred].sum().item()
+    return {"class": 100 * right / total, "colour": 100 * right_colour / total, "shape": 100 * right_shape / total,
+            "pixels": total}

@@ -1,0 +1,212 @@
+"""Backbone recipes on the synthetic world, trained and measured the same way: one command per (recipe, seed).
+
+    python -m vilseg.recipes --recipe scratch --seed 0      # ViL-Seg from scratch (configs/demo.yaml)
+    python -m vilseg.recipes --recipe mmc --seed 0          # MMC pretraining, then ViL-Seg on its encoder
+    python -m vilseg.recipes --recipe mmc_only --seed 0     # MMC alone: encoder probes only (it has no text side)
+    python -m vilseg.recipes --summarize                    # Markdown table (means and spreads) of the CSVs
+
+A recipe is a list of training stages (configs); stage k+1 starts from stage k's exported image encoder. The
+recipes share the demo's shards, model and evaluation, and are sized to equal total training compute (FLOPs per
+step measured by benchmarks/train_step.py; see docs/results.md). Each run measures:
+
+- mIoU of seen and of held-out queries with the demo's read-out (clusters named by their re-encoded global
+  embedding) and with the paper's (clusters named by pooled patch embeddings); background thresholds are calibrated
+  on the calibration split;
+- patch-level shape naming: on every foreground pixel, whether the best query (dense read-out) has the right shape;
+- MMC's probes of the encoder's patch tokens: prompting-patch segmentation (best fixed theta, centroid prompt) and
+  the overlap of intra- and inter-object similarity histograms;
+- linear probes of shape and colour from each object's pooled patch tokens, and zero-shot shape naming of the same
+  pooled objects in the joint space;
+- training wall-clock minutes on this machine.
+
+Rows are appended to docs/results/backbones.csv (recipes with a text side) and docs/results/probes.csv (every
+recipe); everything else goes to OUT/<recipe>/seed<seed>/report.json with the probes' histogram PNG.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+RECIPES = {  # name -> training stages (configs), in order; the last stage's export is measured
+    "scratch": ["configs/demo.yaml"],
+    "mmc": ["configs/mmc/pretrain-demo.yaml", "configs/mmc/vilseg-demo.yaml"],
+    "mmc_only": ["configs/mmc/pretrain-demo.yaml"],
+}
+BACKBONE_COLUMNS = ["recipe", "seed", "miou_seen", "miou_heldout", "miou_seen_pool", "miou_heldout_pool",
+                    "patch_shape_acc", "prompt_patch_miou", "intra_inter_overlap", "cpu_minutes"]
+PROBE_COLUMNS = ["recipe", "seed", "probe_shape_acc", "probe_colour_acc", "zeroshot_object_shape_acc",
+                 "prompt_patch_miou", "prompt_patch_miou_random", "intra_inter_overlap", "intra_inter_auc",
+                 "cpu_minutes"]
+
+
+def train_stages(recipe: str, seed: int, pattern: str, out: Path, overrides: list[str]) -> tuple[Path, float]:
+    """Trains every stage of ``recipe``; returns (the last export, training wall-clock minutes)."""
+    from .train import main as train_main
+
+    previous, minutes = None, 0.0
+    for k, config in enumerate(RECIPES[recipe]):
+        run_dir = out / f"stage{k + 1}-{Path(config).stem}"
+        args = ["--config", config, f"run.dir={run_dir}", f"data.shards={pattern}", f"run.seed={seed}", *overrides]
+        if previous is not None:
+            args.append(f"model.init_from={previous}")
+        start = time.time()
+        previous = train_main(args)
+        minutes += (time.time() - start) / 60
+    return previous, minutes
+
+
+def has_text(recipe: str) -> bool:
+    from .config import load_config
+
+    return "xm" in load_config(RECIPES[recipe][-1]).objectives
+
+
+def measure(model_dir: Path, data_dir: Path, out: Path, text: bool) -> dict:
+    """Every measurement of one trained model (see the module docstring)."""
+    from . import demo
+    from . import evaluate as ev
+    from .eval import (EncoderFeatures, intra_inter_similarity, linear_probe, object_features,
+                       patch_naming_accuracy, prompt_patch_segmentation)
+    from .models import ViLSeg
+
+    items, meta = ev.load_split(data_dir / "eval")
+    names = meta["classes"][1:]
+    model = ViLSeg.from_pretrained(model_dir)
+    encoder = EncoderFeatures(model)
+    report = {"prompt_patch": prompt_patch_segmentation(encoder, items),
+              "intra_inter": intra_inter_similarity(encoder, items, plot=str(out / "intra_inter.png"))}
+    x, y, groups = object_features(encoder, items)
+    report["linear_probe"] = {
+        attr: linear_probe(x, np.array([names[c - 1].split()[i] for c in y]), groups)
+        for i, attr in enumerate(("colour", "shape"))}
+    if text:
+        from .segment import Segmenter
+
+        for region in ("reencode_global", "pool"):
+            report[f"cluster+{region}"] = demo.evaluate_model(model_dir, data_dir, out / region, "cluster", 4, region)
+        dense = Segmenter(model, queries=names, readout="dense")
+        report["patch_naming"] = patch_naming_accuracy(dense, items, names)
+        report["zeroshot_object_shape"] = zero_shot_object_shape(model, items, names)
+    return report
+
+
+def zero_shot_object_shape(model, items, names: list[str]) -> float:
+    """Shape accuracy (%) of naming each object by the best query for its pooled joint-space patch embeddings."""
+    from .eval import EncoderFeatures, object_features
+    from .segment import Segmenter
+
+    x, y, _ = object_features(EncoderFeatures(model, joint=True), items)
+    seg = Segmenter(model, queries=names, readout="dense")
+    import torch
+
+    scores = seg.index.scores(torch.from_numpy(x))
+    pred = scores.argmax(1).numpy()
+    return float(100 * np.mean([names[p].split()[1] == names[c - 1].split()[1] for p, c in zip(pred, y)]))
+
+
+def rows(recipe: str, seed: int, report: dict, minutes: float) -> tuple[dict | None, dict]:
+    """The report as a backbones.csv row (None without a text side) and a probes.csv row."""
+    probe = {"recipe": recipe, "seed": seed, "probe_shape_acc": report["linear_probe"]["shape"],
+             "probe_colour_acc": report["linear_probe"]["colour"],
+             "zeroshot_object_shape_acc": report.get("zeroshot_object_shape", float("nan")),
+             "prompt_patch_miou": report["prompt_patch"]["centroid"]["best_miou"],
+             "prompt_patch_miou_random": report["prompt_patch"]["random"]["best_miou"],
+             "intra_inter_overlap": report["intra_inter"]["overlap"], "intra_inter_auc": report["intra_inter"]["auc"],
+             "cpu_minutes": minutes}
+    if "cluster+pool" not in report:
+        return None, probe
+    demo_r, pool_r = report["cluster+reencode_global"], report["cluster+pool"]
+    backbone = {"recipe": recipe, "seed": seed, "miou_seen": demo_r["seen_queries_miou"],
+                "miou_heldout": demo_r["heldout_queries_miou"], "miou_seen_pool": pool_r["seen_queries_miou"],
+                "miou_heldout_pool": pool_r["heldout_queries_miou"], "patch_shape_acc": report["patch_naming"]["shape"],
+                "prompt_patch_miou": probe["prompt_patch_miou"], "intra_inter_overlap": probe["intra_inter_overlap"],
+                "cpu_minutes": minutes}
+    return backbone, probe
+
+
+def append_row(path: Path, columns: list[str], row: dict) -> None:
+    """Appends ``row`` to a CSV (header written if new); an earlier row of the same (recipe, seed) is replaced."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kept = []
+    if path.is_file():
+        with path.open() as f:
+            kept = [r for r in csv.DictReader(f) if (r["recipe"], r["seed"]) != (row["recipe"], str(row["seed"]))]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(kept)
+        writer.writerow({k: (f"{v:.2f}" if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def summarize(path: Path) -> str:
+    """Markdown table: per recipe, the mean and the spread (min-max) over seeds of every column."""
+    with path.open() as f:
+        table = list(csv.DictReader(f))
+    columns = [c for c in table[0] if c not in ("recipe", "seed")]
+    lines = ["| recipe | seeds | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
+    for recipe in dict.fromkeys(r["recipe"] for r in table):
+        group = [r for r in table if r["recipe"] == recipe]
+        cells = []
+        for c in columns:
+            values = np.array([float(r[c]) for r in group])
+            cells.append(f"**{values.mean():.1f}** ({values.min():.1f}-{values.max():.1f})" if len(values) > 1
+                         else f"{values.mean():.1f}")
+        lines.append(f"| {recipe} | {len(group)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", choices=list(RECIPES))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data", type=Path, default=Path("data/demo"))
+    parser.add_argument("--out", type=Path, default=Path("runs/recipes"))
+    parser.add_argument("--results", type=Path, default=Path("docs/results"), help="folder of the CSVs")
+    parser.add_argument("--train-samples", type=int, default=30000)
+    parser.add_argument("--skip-train", action="store_true", help="measure OUT/<recipe>/seed<seed>'s last export")
+    parser.add_argument("--summarize", action="store_true", help="print the Markdown tables of the CSVs")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides for every stage")
+    args = parser.parse_args(argv)
+    if args.summarize:
+        tables = {name: summarize(args.results / f"{name}.csv") for name in ("backbones", "probes")
+                  if (args.results / f"{name}.csv").is_file()}
+        for name, table in tables.items():
+            print(f"\n{name}.csv\n{table}")
+        return tables
+    if args.recipe is None:
+        parser.error("--recipe is required (or --summarize)")
+    from .demo import prepare_data
+
+    pattern = prepare_data(args.data, args.train_samples, 300, image_size=64)
+    out = args.out / args.recipe / f"seed{args.seed}"
+    out.mkdir(parents=True, exist_ok=True)
+    if args.skip_train:
+        report_path = out / "report.json"
+        previous = json.loads(report_path.read_text())
+        model_dir, minutes = Path(previous["model"]), previous["cpu_minutes"]
+    else:
+        model_dir, minutes = train_stages(args.recipe, args.seed, pattern, out, args.overrides)
+    report = measure(model_dir, args.data, out, has_text(args.recipe))
+    import platform
+
+    import torch
+
+    report.update({"recipe": args.recipe, "seed": args.seed, "model": str(model_dir), "cpu_minutes": minutes,
+                   "stages": RECIPES[args.recipe], "overrides": args.overrides, "torch_threads": torch.get_num_threads(),
+                   "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores"})
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    backbone, probe = rows(args.recipe, args.seed, report, minutes)
+    if backbone is not None:
+        append_row(args.results / "backbones.csv", BACKBONE_COLUMNS, backbone)
+    append_row(args.results / "probes.csv", PROBE_COLUMNS, probe)
+    print(json.dumps({"backbones": backbone, "probes": probe}, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main()
