@@ -55,6 +55,9 @@ def main(argv=None) -> dict:
               "threads": torch.get_num_threads(), "torch": torch.__version__, "steps": args.steps,
               "bare_step_seconds": bare["seconds_per_step"], "loop_step_seconds": loop,
               "loop_over_bare": loop / bare["seconds_per_step"], "text_cache": summary.get("text_cache"),
+              "text_encode_seconds_per_step": summary["text_cache"]["encode_seconds"] / args.steps,
+              "loop_over_bare_without_text_encoding": (loop - summary["text_cache"]["encode_seconds"] / args.steps)
+              / bare["seconds_per_step"],
               "loop_wall_seconds_including_startup_and_export": round(wall, 1)}
     print(json.dumps(result, indent=1))
     if args.out:

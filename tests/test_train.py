@@ -153,7 +153,8 @@ def test_accelerate_launch_runs_mmc_pretrain_debug_then_vilseg_on_its_export(tmp
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
               "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "vilseg/train.py")]
     for config, extra in (("configs/mmc/pretrain-debug.yaml", []),
-                          ("configs/mmc/vilseg-debug.yaml", [f"model.init_from={tmp_path / 'pre' / 'final'}"])):
+                          ("configs/mmc/vilseg-debug.yaml", [f"model.init_from={tmp_path / 'pre' / 'final'}",
+                                                             "train.text_subspace=0.9"])):  # export runs as __main__
         run = tmp_path / ("pre" if "pretrain" in config else "vilseg")
         proc = subprocess.run([*launch, "--config", str(REPO / config), f"run.dir={run}", *extra], cwd=tmp_path,
                               env=env, capture_output=True, text=True, timeout=600)

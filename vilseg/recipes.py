@@ -4,6 +4,7 @@
     python -m vilseg.recipes --recipe mmc --seed 0          # MMC pretraining, then ViL-Seg on its encoder
     python -m vilseg.recipes --recipe mmc_only --seed 0     # MMC alone: encoder probes only (it has no text side)
     python -m vilseg.recipes --summarize                    # Markdown table (means and spreads) of the CSVs
+    python -m vilseg.recipes --probe runs/x/final --split calib   # encoder probes of any model on one split
 
 A recipe is a list of training stages (configs); stage k+1 starts from stage k's exported image encoder. The
 recipes share the demo's shards, model and evaluation, and are sized to equal total training compute (FLOPs per
@@ -20,7 +21,8 @@ step measured by benchmarks/train_step.py; see docs/results.md). Each run measur
 - training wall-clock minutes on this machine.
 
 Rows are appended to docs/results/backbones.csv (recipes with a text side) and docs/results/probes.csv (every
-recipe); everything else goes to OUT/<recipe>/seed<seed>/report.json with the probes' histogram PNG.
+recipe); everything else goes to OUT/<recipe>/seed<seed>/report.json with the probes' histogram PNG. Stages are
+trained under OUT/stages/ and shared between recipes with the same first stages (see :func:`train_stages`).
 """
 from __future__ import annotations
 
@@ -44,19 +46,32 @@ PROBE_COLUMNS = ["recipe", "seed", "probe_shape_acc", "probe_colour_acc", "zeros
                  "cpu_minutes"]
 
 
-def train_stages(recipe: str, seed: int, pattern: str, out: Path, overrides: list[str]) -> tuple[Path, float]:
-    """Trains every stage of ``recipe``; returns (the last export, training wall-clock minutes)."""
+def train_stages(recipe: str, seed: int, pattern: str, root: Path, overrides: list[str]) -> tuple[Path, float]:
+    """Trains every stage of ``recipe``; returns (the last export, training wall-clock minutes of all its stages).
+
+    A stage's folder is named by the chain of configs that leads to it and the seed
+    (``root/stages/<config>+<config>/seed<seed>``), so recipes that share a prefix share its training: ``mmc_only``
+    measures the very encoder that ``mmc`` continues from. A finished stage (its export and ``minutes.json``
+    exist) is reused, not trained again.
+    """
     from .train import main as train_main
 
-    previous, minutes = None, 0.0
-    for k, config in enumerate(RECIPES[recipe]):
-        run_dir = out / f"stage{k + 1}-{Path(config).stem}"
-        args = ["--config", config, f"run.dir={run_dir}", f"data.shards={pattern}", f"run.seed={seed}", *overrides]
-        if previous is not None:
-            args.append(f"model.init_from={previous}")
-        start = time.time()
-        previous = train_main(args)
-        minutes += (time.time() - start) / 60
+    previous, minutes, chain = None, 0.0, []
+    for config in RECIPES[recipe]:
+        chain.append(Path(config).stem)
+        run_dir = root / "stages" / "+".join(chain) / f"seed{seed}"
+        done = run_dir / "minutes.json"
+        if done.is_file() and (run_dir / "final" / "model.safetensors").is_file():
+            print(f"reusing {run_dir} (trained earlier)")
+        else:
+            args = ["--config", config, f"run.dir={run_dir}", f"data.shards={pattern}", f"run.seed={seed}", *overrides]
+            if previous is not None:
+                args.append(f"model.init_from={previous}")
+            start = time.time()
+            train_main(args)
+            done.write_text(json.dumps({"minutes": (time.time() - start) / 60}))
+        previous = run_dir / "final"
+        minutes += json.loads(done.read_text())["minutes"]
     return previous, minutes
 
 
@@ -66,24 +81,35 @@ def has_text(recipe: str) -> bool:
     return "xm" in load_config(RECIPES[recipe][-1]).objectives
 
 
+def probe_encoder(model, split: Path, plot: Path | None = None) -> dict:
+    """The encoder probes (prompting-patch segmentation, intra/inter-object similarity, linear probes of colour and
+    shape) of ``model``'s patch tokens on one labelled split of the synthetic world."""
+    from . import evaluate as ev
+    from .eval import EncoderFeatures, intra_inter_similarity, linear_probe, object_features, prompt_patch_segmentation
+
+    items, meta = ev.load_split(split)
+    names = meta["classes"][1:]
+    encoder = EncoderFeatures(model)
+    report = {"prompt_patch": prompt_patch_segmentation(encoder, items),
+              "intra_inter": intra_inter_similarity(encoder, items, plot=str(plot) if plot else None)}
+    x, y, groups = object_features(encoder, items)
+    report["linear_probe"] = {
+        attr: linear_probe(x, np.array([names[c - 1].split()[i] for c in y]), groups)
+        for i, attr in enumerate(("colour", "shape"))}
+    return report
+
+
 def measure(model_dir: Path, data_dir: Path, out: Path, text: bool) -> dict:
     """Every measurement of one trained model (see the module docstring)."""
     from . import demo
     from . import evaluate as ev
-    from .eval import (EncoderFeatures, intra_inter_similarity, linear_probe, object_features,
-                       patch_naming_accuracy, prompt_patch_segmentation)
+    from .eval import patch_naming_accuracy
     from .models import ViLSeg
 
     items, meta = ev.load_split(data_dir / "eval")
     names = meta["classes"][1:]
     model = ViLSeg.from_pretrained(model_dir)
-    encoder = EncoderFeatures(model)
-    report = {"prompt_patch": prompt_patch_segmentation(encoder, items),
-              "intra_inter": intra_inter_similarity(encoder, items, plot=str(out / "intra_inter.png"))}
-    x, y, groups = object_features(encoder, items)
-    report["linear_probe"] = {
-        attr: linear_probe(x, np.array([names[c - 1].split()[i] for c in y]), groups)
-        for i, attr in enumerate(("colour", "shape"))}
+    report = probe_encoder(model, data_dir / "eval", out / "intra_inter.png")
     if text:
         from .segment import Segmenter
 
@@ -170,6 +196,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--train-samples", type=int, default=30000)
     parser.add_argument("--skip-train", action="store_true", help="measure OUT/<recipe>/seed<seed>'s last export")
     parser.add_argument("--summarize", action="store_true", help="print the Markdown tables of the CSVs")
+    parser.add_argument("--probe", type=Path, help="print the encoder probes of this model (no training)")
+    parser.add_argument("--split", default="eval", help="with --probe: the split of --data to probe on")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every stage")
     args = parser.parse_args(argv)
     if args.summarize:
@@ -178,6 +206,16 @@ def main(argv: list[str] | None = None) -> dict:
         for name, table in tables.items():
             print(f"\n{name}.csv\n{table}")
         return tables
+    if args.probe:
+        from .models import ViLSeg
+
+        short = lambda r: {"prompt_patch_miou": r["prompt_patch"]["centroid"]["best_miou"],  # noqa: E731
+                           "prompt_patch_miou_random": r["prompt_patch"]["random"]["best_miou"],
+                           "intra_inter_overlap": r["intra_inter"]["overlap"], "intra_inter_auc": r["intra_inter"]["auc"],
+                           "probe_shape_acc": r["linear_probe"]["shape"], "probe_colour_acc": r["linear_probe"]["colour"]}
+        report = probe_encoder(ViLSeg.from_pretrained(args.probe), args.data / args.split)
+        print(json.dumps({"model": str(args.probe), "split": args.split, **short(report)}))
+        return report
     if args.recipe is None:
         parser.error("--recipe is required (or --summarize)")
     from .demo import prepare_data
@@ -190,7 +228,7 @@ def main(argv: list[str] | None = None) -> dict:
         previous = json.loads(report_path.read_text())
         model_dir, minutes = Path(previous["model"]), previous["cpu_minutes"]
     else:
-        model_dir, minutes = train_stages(args.recipe, args.seed, pattern, out, args.overrides)
+        model_dir, minutes = train_stages(args.recipe, args.seed, pattern, args.out, args.overrides)
     report = measure(model_dir, args.data, out, has_text(args.recipe))
     import platform
 

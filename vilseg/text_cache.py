@@ -1,6 +1,7 @@
 """Features of a frozen text tower, computed once per unique caption."""
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 
 import torch
@@ -26,6 +27,7 @@ class TextFeatureCache:
         self.encoder, self.tokenizer, self.max_entries = text_encoder, tokenizer, int(max_entries)
         self.store: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.hits = self.misses = 0
+        self.encode_seconds = 0.0  # time spent encoding missing captions
 
     @torch.no_grad()
     def __call__(self, captions: list[str], device: torch.device | str) -> torch.Tensor:
@@ -34,12 +36,16 @@ class TextFeatureCache:
         self.misses += sum(c not in self.store for c in captions)
         self.hits += len(captions) - sum(c not in self.store for c in captions)
         if missing:
+            start = time.perf_counter()
             was_training = self.encoder.training
             self.encoder.eval()
             tokens = {k: v.to(device) for k, v in self.tokenizer(missing).items()}
             feats = self.encoder(tokens["input_ids"], tokens.get("attention_mask"))
             self.encoder.train(was_training)
             self.store.update(zip(missing, feats))
+            if feats.is_cuda:
+                torch.cuda.synchronize(feats.device)
+            self.encode_seconds += time.perf_counter() - start
         for c in captions:
             self.store.move_to_end(c)
         out = torch.stack([self.store[c] for c in captions])

@@ -13,6 +13,8 @@ Objects are the connected components of each class label of the masks (:func:`in
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -192,6 +194,7 @@ def _plot_histograms(edges, h_intra, h_inter, stats: dict, path: str) -> None:
     ax.set_title(f"overlap {stats['overlap']:.1f}%   AUC {stats['auc']:.3f}")
     ax.legend(loc="upper left")
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
 
