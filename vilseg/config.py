@@ -120,3 +120,123 @@ def flatten(cfg: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
     return out
+
+
+# ------------------------------------------------------------------ the training config's schema
+# Types and ranges of every training key, checked after layering (pydantic, lax mode: "1e-3" is read as a number).
+# Defaults live in configs/default.yaml, not here: the schema only says what a value must be. Free-form sub-dicts
+# (model.overrides, objectives) are validated by their consumers (the model factory, the objectives' options).
+
+from typing import Literal  # noqa: E402
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError  # noqa: E402
+
+Fraction = Field(ge=0.0, le=1.0)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RunSection(_Section):
+    dir: str
+    seed: int = Field(ge=0)
+
+
+class ModelSection(_Section):
+    name: str
+    overrides: dict[str, Any]
+    init_from: str | None
+
+
+class TeacherSection(_Section):
+    momentum: float = Fraction
+    final_momentum: float = Fraction
+
+
+class MaskingSection(_Section):
+    ratio: tuple[float, float]
+    min_block: int = Field(ge=1)
+    fill: Literal["image", "noise"]
+
+
+class DataSection(_Section):
+    shards: str | list[str] | None
+    resampled: bool
+    batch_size: int = Field(ge=1)
+    num_workers: int = Field(ge=0)
+    shuffle_buffer: int = Field(ge=1)
+    n_global: int = Field(ge=1)
+    n_local: int = Field(ge=0)
+    global_size: int | None = Field(ge=1)
+    local_size: int | None = Field(ge=1)
+    global_scale: tuple[float, float]
+    local_scale: tuple[float, float]
+    flip_p: float = Fraction
+    hard_negative_groups: list[list[str]]
+    hard_negative_exclude: list[str]
+    masking: MaskingSection
+
+
+class OptimSection(_Section):
+    lr: float = Field(gt=0)
+    weight_decay: float = Field(ge=0)
+    betas: tuple[float, float]
+    warmup_steps: int = Field(ge=0)
+    min_lr_ratio: float = Fraction
+    grad_clip: float | None = Field(ge=0)
+
+
+class TrainSection(_Section):
+    steps: int = Field(ge=1)
+    grad_accum: int = Field(ge=1)
+    mixed_precision: Literal["no", "bf16", "fp16"]
+    log_every: int = Field(ge=1)
+    checkpoint_every: int = Field(ge=1)
+    keep_checkpoints: int = Field(ge=1)
+    max_minutes: float | None = Field(gt=0)
+    text_cache_size: int = Field(ge=1)
+    text_subspace: float | None = Field(gt=0, le=1)
+    text_subspace_captions: int = Field(ge=2)
+    stop_at: int | None = Field(ge=1)
+
+
+class TrainingConfig(_Section):
+    run: RunSection
+    model: ModelSection
+    objectives: dict[str, dict[str, Any] | None]
+    teacher: TeacherSection
+    data: DataSection
+    optim: OptimSection
+    train: TrainSection
+
+
+def validate_training_config(cfg: dict) -> Config:
+    """Checks every key's type and range; returns the config with values converted ("1e-3" -> 0.001).
+
+    Raises:
+        ValueError: one line per bad value, naming the key, the value and what was expected.
+    """
+    try:
+        checked = TrainingConfig.model_validate(dict(cfg))
+    except ValidationError as exn:
+        found: dict[str, list[str]] = {}
+        for err in exn.errors():
+            key, value = [], dict(cfg)
+            for part in err["loc"]:  # follow the location as far as the config goes (unions add type names)
+                if isinstance(value, dict) and part in value:
+                    value = value[part]
+                elif isinstance(value, (list, tuple)) and isinstance(part, int) and part < len(value):
+                    value = value[part]
+                else:
+                    break
+                key.append(str(part))
+            if err["type"] == "missing" and not isinstance(err["loc"][-1], int):
+                head = f"config {'.'.join(str(p) for p in err['loc'])} is missing"
+                found.setdefault(head, [])
+                continue
+            message = f"expected {err['loc'][-1] + 1} values" if err["type"] == "missing" else err["msg"]
+            found.setdefault(f"config {'.'.join(key)}={value!r}", []).append(message)
+        lines = [head + (": " + " or ".join(dict.fromkeys(m)) if m else "") for head, m in found.items()]
+        raise ValueError("invalid training config:\n  " + "\n  ".join(lines)) from None
+    return Config(checked.model_dump(mode="json"))

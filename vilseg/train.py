@@ -21,32 +21,18 @@ import argparse
 import copy
 import json
 import math
-import shutil
 import time
 from collections import Counter
 
 import torch
 from torch import nn
 
-from vilseg.config import flatten, load_config, save_config
+from vilseg.checkpoint import (TrainState, latest_checkpoint, load_checkpoint, replace_folder, save_checkpoint,
+                               write_text_atomic)
+from vilseg.config import flatten, load_config, save_config, validate_training_config
 from vilseg.models import create_model
 from vilseg.objectives import EMATeacher, Learner, build_objectives, ema_momentum
 from vilseg.stage import freeze_unused, init_image_encoder
-
-
-class TrainState:
-    """Step counter and skipped-sample tally (saved as JSON beside accelerate's state; nothing is pickled)."""
-
-    def __init__(self):
-        self.step = 0
-        self.skipped: Counter = Counter()
-
-    def state_dict(self) -> dict:
-        return {"step": self.step, "skipped": dict(self.skipped)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step = int(state["step"])
-        self.skipped = Counter(state["skipped"])
 
 
 def parse_args(argv):
@@ -148,49 +134,6 @@ def to_device(batch: dict, device) -> dict:
     return out
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    ckpts = sorted((run_dir / "checkpoints").glob("step_*"))
-    return ckpts[-1] if ckpts else None
-
-
-TRAINER_STATE = "trainer_state.json"
-TEACHER_WEIGHTS = "teacher.safetensors"
-
-
-def save_checkpoint(accelerator, run_dir: Path, state: TrainState, scheduler, teacher, keep: int) -> None:
-    """accelerate ``save_state`` (model, optimizer, RNG) + the teacher as safetensors + step/scheduler as JSON.
-
-    accelerate's ``register_for_checkpointing`` would pickle the extra objects and unpickle them with
-    ``weights_only=False``; safetensors and JSON keep them free of code.
-    """
-    from safetensors.torch import save_file
-
-    ckpt = run_dir / "checkpoints" / f"step_{state.step:07d}"
-    accelerator.save_state(str(ckpt))
-    if accelerator.is_main_process:
-        if teacher is not None:
-            save_file({k: v.detach().cpu().contiguous() for k, v in teacher.state_dict().items()},
-                      str(ckpt / TEACHER_WEIGHTS))
-        payload = {**state.state_dict(), "scheduler": scheduler.state_dict()}
-        (ckpt / TRAINER_STATE).write_text(json.dumps(payload))
-        for old in sorted((run_dir / "checkpoints").glob("step_*"))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-
-
-def load_checkpoint(accelerator, ckpt: Path, state: TrainState, scheduler, teacher) -> None:
-    from safetensors.torch import load_file
-
-    if not (ckpt / TRAINER_STATE).is_file():
-        raise FileNotFoundError(f"{ckpt / TRAINER_STATE} not found: not a vilseg training checkpoint")
-    accelerator.load_state(str(ckpt))
-    payload = json.loads((ckpt / TRAINER_STATE).read_text())
-    scheduler.load_state_dict(payload.pop("scheduler"))
-    state.load_state_dict(payload)
-    if teacher is not None:
-        teacher.load_state_dict(load_file(str(ckpt / TEACHER_WEIGHTS), device=str(accelerator.device)))
-
-
 def make_accelerator(cfg, run_dir: Path):
     """The one place where precision and distribution are decided (with accelerate's launcher and config)."""
     from accelerate import Accelerator
@@ -220,18 +163,20 @@ def export(accelerator, model, run_dir: Path, state: TrainState, summary: dict, 
         skipped.update(counts)
     final_dir = run_dir / "final"
     if accelerator.is_main_process:
+        tmp_dir = run_dir / ".tmp-final"
         if captions and cfg.train.text_subspace:
-            from .data.stream import read_captions
+            from vilseg.data.stream import read_captions
 
             model = copy.deepcopy(model)
             k = model.fold_text_subspace(read_captions(cfg.data.shards, cfg.train.text_subspace_captions),
                                          variance=cfg.train.text_subspace)
             summary = {**summary, "text_subspace_dim": k}
-        model.save_pretrained(final_dir)
+        model.save_pretrained(tmp_dir)
+        replace_folder(tmp_dir, final_dir)
         summary = {"steps": state.step, **summary, "processes": accelerator.num_processes,
                    "distributed_type": str(accelerator.distributed_type), "skipped_samples": dict(skipped),
                    "final_model": str(final_dir)}
-        (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        write_text_atomic(run_dir / "train_summary.json", json.dumps(summary, indent=2))
         accelerator.print(json.dumps(summary))
     accelerator.wait_for_everyone()
     return final_dir
@@ -260,7 +205,7 @@ def main(argv: list[str] | None = None) -> Path:
     from tqdm.auto import tqdm
 
     args = parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
+    cfg = validate_training_config(load_config(args.config, args.overrides))
     run_dir = Path(cfg.run.dir)
     accelerator = make_accelerator(cfg, run_dir)
     set_seed(cfg.run.seed)
@@ -278,18 +223,22 @@ def main(argv: list[str] | None = None) -> Path:
     if teacher is not None:
         teacher.to(accelerator.device)
     if args.resume:
-        ckpt = latest_checkpoint(run_dir) if args.resume == "latest" else Path(args.resume)
-        if ckpt is None or not ckpt.is_dir():
-            raise FileNotFoundError(f"--resume: no checkpoint found ({args.resume!r} under {run_dir / 'checkpoints'})")
-        load_checkpoint(accelerator, ckpt, state, scheduler, teacher)
-        accelerator.print(f"resumed from {ckpt} at step {state.step}")
+        ckpt = latest_checkpoint(run_dir, accelerator.print) if args.resume == "latest" else Path(args.resume)
+        if ckpt is None:  # killed before its first checkpoint was complete: a requeued job starts over
+            accelerator.print(f"--resume: no complete checkpoint under {run_dir / 'checkpoints'}; starting at step 0")
+        elif not ckpt.is_dir():
+            raise FileNotFoundError(f"--resume {args.resume}: no such checkpoint folder")
+        else:
+            load_checkpoint(accelerator, ckpt, state, scheduler, teacher)
+            accelerator.print(f"resumed from {ckpt} at step {state.step}")
     accelerator.init_trackers("vilseg", config=flatten(cfg))
     inner = accelerator.unwrap_model(learner)
     heads = inner.teacher_heads()
 
-    batches = iter(loader)
-    for _ in range(state.step * cfg.train.grad_accum):  # exact resumption: replay the deterministic stream
-        next(batches)
+    batches = iter_epochs(loader, accelerator.print)
+    if state.step < cfg.train.steps:
+        for _ in range(state.step * cfg.train.grad_accum):  # exact resumption: replay the deterministic stream
+            next(batches)
     progress = tqdm(total=cfg.train.steps, initial=state.step, desc="train", disable=not accelerator.is_main_process)
     start, start_step, images_seen = time.time(), state.step, 0
     steady = (start_step + min(10, (cfg.train.steps - start_step) // 2), None)  # (step, time) after the warm-up
@@ -329,17 +278,36 @@ def main(argv: list[str] | None = None) -> Path:
     progress.close()
     end = time.time()
     elapsed = end - start
-    save_checkpoint(accelerator, run_dir, state, scheduler, teacher, cfg.train.keep_checkpoints)
+    if state.saved_step != state.step:  # a stop on a checkpoint step has saved this step already
+        save_checkpoint(accelerator, run_dir, state, scheduler, teacher, cfg.train.keep_checkpoints)
     summary = {"steps_this_session": state.step - start_step, "seconds": round(elapsed, 1),
                "images_per_second_per_process": round(images_seen / max(elapsed, 1e-9), 2),
                "seconds_per_step_after_warmup": (round((end - steady[1]) / (state.step - steady[0]), 4)
                                                  if steady[1] is not None and state.step > steady[0] else None),
                "objectives": dict(inner.weights)}
     if inner.text_cache is not None:
-        summary["text_cache"] = {"hit_rate": round(inner.text_cache.hit_rate, 4), "captions": len(inner.text_cache.store)}
+        cache = inner.text_cache
+        summary["text_cache"] = {"hit_rate": round(cache.hit_rate, 4), "captions": len(cache.store),
+                                 "encode_seconds": round(cache.encode_seconds, 1)}
     final_dir = export(accelerator, inner.model, run_dir, state, summary, cfg, "captions" in inner.needs)
     accelerator.end_training()
     return final_dir
+
+
+def iter_epochs(loader, log=print):
+    """The loader's batches without end: a one-pass stream (``data.resampled: false``) starts its next epoch when it
+    ends (webdataset reshuffles each epoch). Raises if an epoch yields no batch at all."""
+    epoch = 0
+    while True:
+        count = 0
+        for batch in loader:
+            count += 1
+            yield batch
+        if count == 0:
+            raise ValueError("data.shards yielded no complete batch in a whole pass: fewer readable samples per "
+                             "process than data.batch_size?")
+        epoch += 1
+        log(f"data: pass {epoch} over data.shards ended after {count} batches; starting pass {epoch + 1}")
 
 
 def log_step(accelerator, progress, state: TrainState, terms: dict, scheduler, learner: Learner, momentum, total):
