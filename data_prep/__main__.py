@@ -23,7 +23,8 @@ def _build(args) -> dict:
     opts = Options(max_side=args.max_side, format=args.format, quality=args.quality, max_bytes=args.max_bytes,
                    min_side=args.min_side, max_aspect=args.max_aspect, min_caption_chars=args.min_caption_chars,
                    max_caption_chars=args.max_caption_chars)
-    items = open_source(args.kind, args.input, args.root, args.path_column, args.caption_column, args.key_column)
+    items = open_source(args.kind, args.input, args.root, args.path_column, args.caption_column, args.key_column,
+                        args.allow_outside_input)
     manifest = build(items, args.out, opts, shard_count=args.shard_count, shard_bytes=args.shard_bytes,
                      workers=args.workers, prefix=args.prefix, shuffle_seed=args.shuffle_seed,
                      dedup=not args.no_dedup)
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None):
     b.add_argument("--key-column", default=None)
     b.add_argument("--shard-count", type=int, default=1000, help="samples per shard (0: no count limit)")
     b.add_argument("--shard-bytes", type=int, default=None, help="bytes per shard")
-    b.add_argument("--prefix", default="shard")
+    b.add_argument("--prefix", default="shard", help="shard name prefix: a plain name (letters, digits, _ - .)")
     b.add_argument("--workers", type=int, default=1)
     b.add_argument("--max-side", type=int, default=None)
     b.add_argument("--format", choices=("jpg", "webp", "keep"), default="jpg")
@@ -65,12 +66,17 @@ def main(argv: list[str] | None = None):
     b.add_argument("--max-caption-chars", type=int, default=1000)
     b.add_argument("--shuffle-seed", type=int, default=None, help="shuffle the input order with this seed")
     b.add_argument("--no-dedup", action="store_true", help="keep exact duplicates")
+    b.add_argument("--allow-outside-input", action="store_true",
+                   help="follow symlinks that lead outside the input folder or --root (refused by default)")
     c = sub.add_parser("check", help="open every sample of a shard set and report")
     c.add_argument("shards", nargs="+")
     args = parser.parse_args(argv)
     if args.command == "build":
         args.shard_count = args.shard_count or None
-        return _build(args)
+        try:
+            return _build(args)
+        except (ValueError, FileNotFoundError, KeyError) as exn:  # bad input: one line naming it, exit code 2
+            parser.exit(2, f"python -m data_prep build: error: {exn.args[0] if exn.args else exn}\n")
     import braceexpand
 
     from .check import check_shards

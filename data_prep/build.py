@@ -11,6 +11,7 @@ import io
 import json
 import os
 import random
+import re
 import tarfile
 from collections import Counter
 from dataclasses import asdict
@@ -145,10 +146,29 @@ def completed_shards(out: Path, prefix: str) -> list[dict]:
 
 
 def _clean_partial(out: Path, prefix: str, n_done: int) -> None:
-    for path in out.glob(f"{prefix}-*"):
-        stem = path.name.split(".")[0]
-        if path.name.endswith(".tmp") or int(stem.rsplit("-", 1)[1]) >= n_done:
+    """Removes this prefix's shards and sidecars past the complete ones, and their temporary files; anything else in
+    ``out`` (other prefixes, notes, reports) is left alone."""
+    pattern = re.compile(rf"{re.escape(prefix)}-(\d{{6}})\.(tar|json)(\.tmp)?")
+    for path in out.iterdir():
+        match = pattern.fullmatch(path.name)
+        if match and (match.group(3) or int(match.group(1)) >= n_done):
             path.unlink()
+
+
+PREFIX = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def check_output(out: str | Path, prefix: str) -> None:
+    """Refuses, before anything is written, a prefix that is not a plain file name (one path component: letters,
+    digits, '_', '-', '.', not starting with '.') and an output folder whose path a shard pattern cannot carry
+    (braces and '::' mean brace expansion and URL lists to webdataset)."""
+    if not PREFIX.fullmatch(prefix):
+        raise ValueError(f"--prefix {prefix!r} is not a plain name: use letters, digits, '_', '-' and '.', one path "
+                         f"component (shards are written as OUT/{{prefix}}-NNNNNN.tar)")
+    text = str(out)
+    if any(c in text for c in "{}") or "::" in text:
+        raise ValueError(f"--out {text!r} contains '{{', '}}' or '::', which a shard pattern would read as brace "
+                         f"expansion or a list of URLs; choose a folder name without them")
 
 
 def build(items: Iterable, out: str | Path, opts: Options, shard_count: int | None = 1000,
@@ -159,6 +179,7 @@ def build(items: Iterable, out: str | Path, opts: Options, shard_count: int | No
     Args:
         shuffle_seed: if given, the input order is shuffled with this seed first (materialises the item list).
     """
+    check_output(out, prefix)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     done = completed_shards(out, prefix)

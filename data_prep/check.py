@@ -27,7 +27,7 @@ def check_shards(shards: list[str]) -> dict:
             continue
         for key, files in groups.items():
             report["samples"] += 1
-            report["extensions"].update(files)
+            report["extensions"].update(files.keys())  # count extensions, not their bytes
             problem = _check_sample(files)
             if problem:
                 report["problems"][problem] += 1

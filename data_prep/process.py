@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from PIL import Image, ImageOps
 
 SKIP_REASONS = ("zero_byte", "truncated", "not_an_image", "decompression_bomb", "missing_file", "empty_caption",
-                "too_small", "bad_aspect", "duplicate", "unsafe_path", "unreadable")
+                "too_small", "bad_aspect", "duplicate", "unsafe_path", "outside_input", "unreadable")
 
 # Pillow's own bomb limit is ~89.5 Mpx (warning) / 179 Mpx (error); we refuse above this many pixels outright.
 DEFAULT_MAX_PIXELS = 89_478_485
@@ -45,6 +45,8 @@ class RawSample:
     data: bytes | None
     captions: list = field(default_factory=list)  # raw captions (str or bytes)
     extra: dict = field(default_factory=dict)  # source metadata kept in the json (e.g. img2dataset's url)
+    reason: str | None = None  # set by a reader that already refuses the sample (e.g. "outside_input")
+    detail: str = ""
 
 
 @dataclass
@@ -77,8 +79,10 @@ def clean_caption(raw, opts: Options) -> str:
 
 
 def safe_key(key: str) -> bool:
-    """Keys become tar member names: no '..', no absolute paths, no separators or dots that webdataset splits on."""
-    return bool(key) and ".." not in key and not key.startswith(("/", "\\")) and not re.search(r"[/\\.\x00]", key)
+    """Keys become tar member names: no '..', no absolute paths, no separators or dots that webdataset splits on, no
+    control characters (a newline would break every line-based listing of the shard)."""
+    return (bool(key) and ".." not in key and not key.startswith(("/", "\\"))
+            and not re.search(r"[/\\.\x00-\x1f\x7f]", key))
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -133,6 +137,9 @@ def decode(data: bytes, opts: Options) -> tuple[Image.Image | None, str | None, 
 def process(raw: RawSample, opts: Options) -> Result:
     """Validates and normalises one sample; never raises for bad data."""
     res = Result(raw.key, raw.source)
+    if raw.reason:
+        res.reason, res.detail = raw.reason, raw.detail
+        return res
     if not safe_key(raw.key):
         res.reason, res.detail = "unsafe_path", raw.key
         return res

@@ -44,3 +44,40 @@ def test_repository_configs_resolve_and_build_their_objectives(name):
     for objective, options in cfg.objectives.items():  # every option is known and well typed
         options = {k: v for k, v in options.items() if k != "weight"}
         parse_options(REGISTRY[objective].Options, options, f"objectives.{objective}")
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("train.steps=abc", "config train.steps='abc': Input should be a valid integer"),
+    ("optim.betas=[0.9]", "config optim.betas=[0.9]: expected 2 values"),
+    ("train.checkpoint_every=0", "config train.checkpoint_every=0: Input should be greater than or equal to 1"),
+    ("train.log_every=0", "config train.log_every=0: Input should be greater than or equal to 1"),
+    ("data.batch_size=8.5", "config data.batch_size=8.5: Input should be a valid integer"),
+    ("optim.lr=-0.001", "config optim.lr=-0.001: Input should be greater than 0"),
+    ("train.keep_checkpoints=0", "config train.keep_checkpoints=0: Input should be greater than or equal to 1"),
+    ("data.masking.fill=blur", "config data.masking.fill='blur': Input should be 'image' or 'noise'"),
+])
+def test_every_bad_value_gets_one_line_naming_key_value_and_expectation(override, expected):
+    from vilseg.config import validate_training_config
+
+    with pytest.raises(ValueError) as info:
+        validate_training_config(load_config("configs/demo.yaml", [override]))
+    lines = str(info.value).splitlines()[1:]
+    assert len(lines) == 1 and lines[0].strip().startswith(expected), lines
+
+
+def test_yaml_strings_that_are_numbers_become_numbers():
+    from vilseg.config import validate_training_config
+
+    # YAML 1.1 reads 1e-3 (no dot) as a string; the schema reads it as the number the user meant
+    cfg = validate_training_config(load_config("configs/demo.yaml", ["optim.lr=1e-3"]))
+    assert load_config("configs/demo.yaml", ["optim.lr=1e-3"]).optim.lr == "1e-3"
+    assert cfg.optim.lr == 0.001 and isinstance(cfg.optim.lr, float)
+
+
+def test_an_experiment_file_outside_configs_layers_on_the_repository_default(tmp_path):
+    from vilseg.config import validate_training_config
+
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "my.yaml").write_text("train: {steps: 7}\n")
+    cfg = validate_training_config(load_config(tmp_path / "exp" / "my.yaml"))
+    assert cfg.train.steps == 7 and cfg.model.name == "vilseg-demo"

@@ -223,3 +223,40 @@ def test_synthetic_source_renders_the_training_world_on_the_fly():
     assert read_captions("synthetic:50", 3) == [world.scene(i).caption for i in range(3)]
     with pytest.raises(ValueError, match="synthetic:N"):
         make_train_stream("synthetic:lots", crop, 4)
+
+
+def _members(path):
+    with tarfile.open(path) as tar:
+        return [(m.offset, m.offset_data, m.size) for m in tar]
+
+
+@pytest.mark.parametrize("where", ["inside_a_member", "between_members"])
+def test_a_shard_cut_short_is_counted_once(tiny_shards, tmp_path, where):
+    full = (tiny_shards / "shard-0.tar").read_bytes()
+    members = _members(tiny_shards / "shard-0.tar")
+    header, data, _ = members[6]  # the 4th sample's image
+    cut = data + 100 if where == "inside_a_member" else header  # a header boundary: the reader stops silently
+    (tmp_path / "cut.tar").write_bytes(full[:cut])
+    batches = list(make_train_stream(str(tmp_path / "cut.tar"), MultiCrop(16, 8, 1, 0), 1, resampled=False))
+    skipped = {}
+    for b in batches:
+        for reason, n in b["skipped"].items():
+            skipped[reason] = skipped.get(reason, 0) + n
+    assert sum(len(b["keys"]) for b in batches) == 3 and skipped == {"truncated_shard": 1}
+
+
+def test_tiny_images_and_huge_captions_are_skipped_under_their_own_reasons(tmp_path):
+    rng = np.random.default_rng(0)
+    samples = [(f"ok{i}", {"png": _png_bytes(rng), "txt": b"a red circle"}) for i in range(3)]
+    samples += [("tiny", {"png": _png_bytes(rng, size=1), "txt": b"a 1x1 image"}),
+                ("long", {"png": _png_bytes(rng), "txt": b"word " * 200_000})]
+    _write_tar(tmp_path / "s.tar", samples)
+    stream = make_train_stream(str(tmp_path / "s.tar"), MultiCrop(16, 8, 1, 0), 1, resampled=False,
+                               min_image_side=8, max_caption_chars=5000)
+    batches = list(stream)
+    skipped = {}
+    for b in batches:
+        for reason, n in b["skipped"].items():
+            skipped[reason] = skipped.get(reason, 0) + n
+    assert sorted(k for b in batches for k in b["keys"]) == ["ok0", "ok1", "ok2"]
+    assert skipped == {"image_too_small": 1, "caption_too_long": 1}

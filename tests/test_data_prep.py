@@ -92,7 +92,7 @@ def test_folder_input_counts_every_bad_reason_and_keeps_all_good(tmp_path):
 
 
 @pytest.mark.parametrize("fmt", ["csv", "tsv", "jsonl", "parquet"])
-def test_table_inputs_with_configurable_columns_and_missing_files(tmp_path, fmt):
+def test_table_inputs_with_configurable_columns_and_missing_files(tmp_path, fmt, capsys):
     import pandas as pd
 
     images = tmp_path / "imgs"
@@ -114,8 +114,9 @@ def test_table_inputs_with_configurable_columns_and_missing_files(tmp_path, fmt)
     assert manifest["samples"] == 5
     assert manifest["skipped"] == {"missing_file": 1, "unsafe_path": 2}
     assert not (tmp_path / "outside.jpg").exists()
-    with pytest.raises(KeyError, match="no column 'nope'"):
+    with pytest.raises(SystemExit) as exit_info:  # one line naming the table and the column, exit code 2
         _build("--kind", "table", "--input", path, "--path-column", "nope", "--out", tmp_path / "o2")
+    assert exit_info.value.code == 2 and "no column 'nope'" in capsys.readouterr().err
 
 
 def test_coco_captions_keep_all_captions_as_a_list(tmp_path):
@@ -280,3 +281,90 @@ def test_parallel_workers_and_byte_sized_shards_match_serial(tmp_path):
         assert data == (tmp_path / "p" / name).read_bytes()
         # a shard exceeds the byte target only when a single sample does
         assert len(data) <= 12000 + 10240 or serial["counts"][name] == 1
+
+
+def test_folder_keys_that_collide_are_made_unique_and_all_reach_training(tmp_path):
+    from vilseg.data.multicrop import MultiCrop
+    from vilseg.data.stream import make_train_stream
+
+    root = tmp_path / "in"
+    (root / "sub").mkdir(parents=True)
+    names = ["a b.jpg", "a.b.jpg", "a_b.jpg", "sub/x.jpg", "sub_x.jpg", "plain.jpg"]
+    for i, name in enumerate(names):
+        (root / name).write_bytes(_jpeg(200 + i))
+        (root / name).with_suffix(".txt").write_text(f"caption {i}")
+    manifest = _build("--kind", "folder", "--input", root, "--out", tmp_path / "out")
+    assert manifest["samples"] == 6 and not manifest["skipped"]
+    keys = _keys(manifest["pattern"])
+    assert len(set(keys)) == 6 and "plain" in keys  # a key without a collision is kept as it was
+    stream = make_train_stream(manifest["pattern"], MultiCrop(16, 8, 1, 0), 1, resampled=False)
+    batches = list(stream)
+    assert sorted(k for b in batches for k in b["keys"]) == keys
+    assert sorted(b["captions"][0] for b in batches) == [f"caption {i}" for i in range(6)]
+    assert not any(b["skipped"] for b in batches)
+
+
+def test_symlinks_leading_outside_the_input_are_refused_unless_allowed(tmp_path):
+    outside = tmp_path / "secret"
+    outside.mkdir()
+    (outside / "passwords.txt").write_text("hunter2")
+    (outside / "photo.jpg").write_bytes(_jpeg(300))
+    root = tmp_path / "in"
+    root.mkdir()
+    (root / "a.jpg").write_bytes(_jpeg(301))
+    (root / "a.txt").symlink_to(outside / "passwords.txt")  # a sidecar caption leading outside
+    (root / "b.jpg").symlink_to(outside / "photo.jpg")  # an image leading outside
+    (root / "b.txt").write_text("b")
+    (root / "c.jpg").write_bytes(_jpeg(302))
+    (root / "c.txt").write_text("c")
+    (root / "d.jpg").symlink_to(root / "c.jpg")  # a symlink that stays inside is fine
+    (root / "d.txt").write_text("d")
+    manifest = _build("--kind", "folder", "--input", root, "--out", tmp_path / "out", "--no-dedup")
+    assert manifest["samples"] == 2 and manifest["skipped"] == {"outside_input": 2}
+    assert "hunter2" not in json.dumps(manifest)
+    allowed = _build("--kind", "folder", "--input", root, "--out", tmp_path / "out2", "--allow-outside-input",
+                     "--no-dedup")
+    assert allowed["samples"] == 4
+    # a table row whose path is a symlink pointing outside --root
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "ok.jpg").write_bytes(_jpeg(303))
+    (images / "link.jpg").symlink_to(outside / "photo.jpg")
+    (tmp_path / "t.csv").write_text("path,caption\nok.jpg,fine\nlink.jpg,escapes\n")
+    table = _build("--kind", "table", "--input", tmp_path / "t.csv", "--root", images, "--out", tmp_path / "out3")
+    assert table["samples"] == 1 and table["skipped"] == {"outside_input": 1}
+
+
+def test_prefix_must_be_a_plain_name_and_out_must_fit_a_pattern(tmp_path, capsys):
+    folder = _folder(tmp_path / "in")
+    (tmp_path / "victim-000000.tar").write_bytes(b"precious")
+    for prefix in ("../victim", "/abs/prefix", "a/b", ".hidden", ""):
+        with pytest.raises(SystemExit) as exit_info:
+            _build("--kind", "folder", "--input", folder, "--out", tmp_path / "out", "--prefix", prefix)
+        assert exit_info.value.code == 2
+        assert f"--prefix {prefix!r} is not a plain name" in capsys.readouterr().err
+    assert (tmp_path / "victim-000000.tar").read_bytes() == b"precious"
+    for out in ("sh{a,b}", "a::b"):
+        with pytest.raises(SystemExit):
+            _build("--kind", "folder", "--input", folder, "--out", tmp_path / out)
+        assert "brace expansion" in capsys.readouterr().err
+    # a stray file next to the shards and a prefix with a dot: written, then resumed, without error
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "cc3m.v2-notes.md").write_text("notes")
+    first = _build("--kind", "folder", "--input", folder, "--out", tmp_path / "out", "--prefix", "cc3m.v2")
+    again = _build("--kind", "folder", "--input", folder, "--out", tmp_path / "out", "--prefix", "cc3m.v2")
+    assert first["samples"] == again["samples"] == 6 and (tmp_path / "out" / "cc3m.v2-notes.md").is_file()
+
+
+def test_check_command_prints_a_json_report(tmp_path, capsys):
+    manifest = _build("--kind", "folder", "--input", _folder(tmp_path / "in"), "--out", tmp_path / "out")
+    capsys.readouterr()
+    report = cli(["check", manifest["pattern"]])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["samples"] == report["samples"] == 6 and printed["extensions"] == {"jpg": 6, "txt": 6, "json": 6}
+
+
+def test_keys_with_control_characters_are_refused():
+    result = process(RawSample("line\nbreak", "src", _jpeg(1), ["a caption"]), Options())
+    assert result.reason == "unsafe_path"
+    assert process(RawSample("fine_key", "src", _jpeg(1), ["a caption"]), Options()).reason is None

@@ -173,6 +173,8 @@ class DataSection(_Section):
     global_scale: tuple[float, float]
     local_scale: tuple[float, float]
     flip_p: float = Fraction
+    min_image_side: int = Field(ge=1)
+    max_caption_chars: int = Field(ge=1)
     hard_negative_groups: list[list[str]]
     hard_negative_exclude: list[str]
     masking: MaskingSection

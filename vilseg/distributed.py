@@ -52,3 +52,31 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     out = x.clone()
     dist.all_reduce(out)
     return out / world_size()
+
+
+def all_reduce_sum_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Sum of ``x`` over every process, keeping the autograd graph (its backward sums the incoming gradients).
+
+    For a loss L(sum_r x_r) that every process computes identically, each process's x_r then receives
+    W * dL/dx, and DDP's gradient averaging divides the W back out: the parameters get exactly the gradient of L on
+    the concatenated batch.
+    """
+    if not is_dist() or world_size() == 1:
+        return x
+    import warnings
+
+    from torch.distributed.nn.functional import all_reduce
+
+    with warnings.catch_warnings():  # deprecated in favour of a private API; still the public autograd reduce
+        warnings.simplefilter("ignore", FutureWarning)
+        return all_reduce(x)
+
+
+@torch.no_grad()
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum of ``x`` over every process (no gradient; a copy)."""
+    if not is_dist() or world_size() == 1:
+        return x
+    out = x.clone()
+    dist.all_reduce(out)
+    return out

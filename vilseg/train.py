@@ -120,7 +120,8 @@ def build_loader(cfg, model, needs: frozenset[str]):
     stream = make_train_stream(cfg.data.shards, crop, cfg.data.batch_size, seed=cfg.run.seed,
                                resampled=cfg.data.resampled, shuffle_buffer=cfg.data.shuffle_buffer,
                                captions=captions, swap_groups=cfg.data.hard_negative_groups if captions else None,
-                               swap_exclude=cfg.data.hard_negative_exclude, masking=masking)
+                               swap_exclude=cfg.data.hard_negative_exclude, masking=masking,
+                               min_image_side=cfg.data.min_image_side, max_caption_chars=cfg.data.max_caption_chars)
     return DataLoader(stream, batch_size=None, num_workers=cfg.data.num_workers,
                       persistent_workers=cfg.data.num_workers > 0)
 

@@ -85,14 +85,42 @@ class SkipLog:
 
     def __init__(self):
         self.pending: Counter = Counter()
+        self.truncated: set[str] = set()  # shards already counted as truncated (by their tail)
 
     def add(self, reason: str) -> None:
         self.pending[reason] += 1
 
     def tar_handler(self, exn: Exception) -> bool:
-        """webdataset handler for tar-level errors (unreadable or truncated shards): count and continue."""
-        self.add(f"tar_error:{type(exn).__name__}")
+        """webdataset handler for tar-level errors (unreadable or truncated shards): count and continue.
+
+        One broken shard makes webdataset call this twice: once while reading the member (no URL in the
+        exception), then again when the tar reader itself fails (the URL is the exception's last argument). Only
+        the second is counted, and not at all if the shard was already counted as ``truncated_shard``.
+        """
+        url = exn.args[-1] if len(exn.args) >= 2 and isinstance(exn.args[-1], str) else None
+        if url is not None and url not in self.truncated:
+            self.add(f"tar_error:{type(exn).__name__}")
         return True
+
+    def check_tail(self, source):
+        """Stage on the shard list: a local tar must end with the end-of-archive marker (two zero blocks). One that
+        does not was cut short, possibly exactly between two members, where the tar reader stops without an
+        error and the samples after the cut vanish uncounted; count it once per read as ``truncated_shard``.
+        Streams (pipe:, https://, ...) cannot be checked without reading them twice."""
+        for item in source:
+            path = item["url"][len("file:"):] if item["url"].startswith("file:") else item["url"]
+            if "://" not in path and not path.startswith("pipe:") and os.path.isfile(path):
+                try:
+                    with open(path, "rb") as f:
+                        size = f.seek(0, 2)
+                        f.seek(max(0, size - 1024))
+                        tail = f.read()
+                except OSError:
+                    tail = b""
+                if len(tail) < 1024 or tail.count(0) != len(tail):
+                    self.add("truncated_shard")
+                    self.truncated.add(item["url"])
+            yield item
 
     def take(self) -> dict[str, int]:
         out, self.pending = dict(self.pending), Counter()
@@ -165,11 +193,16 @@ class DecodeAugment:
         swap_exclude: phrases a hard-negative caption must never contain.
         masking: a :class:`~vilseg.data.masking.BlockMasking`; every sample then carries ``masks``
             [n_global, h, w] (True = patch to corrupt) for its global views.
+        min_image_side: images whose shorter side is below this are skipped (``image_too_small``): a 1x1 image
+            would be blown up into a flat crop.
+        max_caption_chars: captions longer than this are skipped (``caption_too_long``): a megabyte caption is a
+            broken sample, not a description.
     """
 
     def __init__(self, crop, skip_log: SkipLog, seed: int, captions: bool = True, swap_groups=None,
-                 swap_exclude=(), masking=None):
+                 swap_exclude=(), masking=None, min_image_side: int = 16, max_caption_chars: int = 1000):
         self.crop, self.skip_log, self.seed, self.captions, self.masking = crop, skip_log, seed, captions, masking
+        self.min_image_side, self.max_caption_chars = min_image_side, max_caption_chars
         self.swap_groups = [list(map(str.lower, g)) for g in swap_groups or [] if len(g) > 1]
         self.swap_exclude = [p.lower() for p in swap_exclude or ()]
 
@@ -196,6 +229,9 @@ class DecodeAugment:
         except Exception:  # PIL raises many types for corrupt data (OSError, SyntaxError, ValueError, ...)
             self.skip_log.add("corrupt_image")
             return None
+        if min(image.size) < self.min_image_side:
+            self.skip_log.add("image_too_small")
+            return None
         views, boxes, flips = self.crop(image, rng)
         out = {"views": views, "boxes": boxes, "flips": flips, "caption": caption, "key": sample.get("__key__")}
         if self.masking is not None:
@@ -214,6 +250,9 @@ class DecodeAugment:
             return None
         if not caption:
             self.skip_log.add("empty_caption")
+            return None
+        if len(caption) > self.max_caption_chars:
+            self.skip_log.add("caption_too_long")
             return None
         return caption
 
@@ -328,7 +367,7 @@ def _render_synthetic():
 
 def make_train_stream(shards, crop, batch_size: int, seed: int = 0, resampled: bool = True,
                       shuffle_buffer: int = 1000, captions: bool = True, swap_groups=None, swap_exclude=(),
-                      masking=None):
+                      masking=None, min_image_side: int = 16, max_caption_chars: int = 1000):
     """Builds the training ``wds.DataPipeline`` (an IterableDataset yielding collated batches).
 
     Args:
@@ -345,6 +384,8 @@ def make_train_stream(shards, crop, batch_size: int, seed: int = 0, resampled: b
         swap_groups: word groups for hard-negative captions (see :func:`swap_word`); None for none.
         swap_exclude: phrases a hard-negative caption must never contain.
         masking: a :class:`~vilseg.data.masking.BlockMasking` for the global views, or None.
+        min_image_side, max_caption_chars: limits below/above which samples are skipped and counted
+            (see :class:`DecodeAugment`).
     """
     import webdataset as wds
 
@@ -370,11 +411,13 @@ def make_train_stream(shards, crop, batch_size: int, seed: int = 0, resampled: b
     elif synthetic:
         to_samples = _render_synthetic()  # scenes rendered here
     else:
+        source_stages.append(skip_log.check_tail)  # local shards cut short: counted once
         to_samples = wds.tarfile_to_samples(handler=skip_log.tar_handler)  # bad tars: counted, skipped
     return wds.DataPipeline(
         *source_stages,
         to_samples,
         wds.detshuffle(bufsize=shuffle_buffer, initial=min(shuffle_buffer, 100), seed=seed),  # sample order
-        DecodeAugment(crop, skip_log, seed, captions, swap_groups, swap_exclude, masking),  # decode, augment, mask
+        DecodeAugment(crop, skip_log, seed, captions, swap_groups, swap_exclude, masking, min_image_side,
+                      max_caption_chars),  # decode, validate, augment, mask
         wds.batched(batch_size, collation_fn=collate, partial=False),
     )

@@ -4,17 +4,24 @@ from __future__ import annotations
 import torch
 from torchvision.ops import roi_align
 
+from ..distributed import all_reduce_sum, all_reduce_sum_with_grad
+
 
 def iic_loss(p1: torch.Tensor, p2: torch.Tensor, lam: float = 1.0, eps: float = 1e-8) -> torch.Tensor:
     """Negative mutual information between the cluster assignments of aligned patch pairs (IIC, Ji et al. 2019).
 
-    With Phi(z_i), Phi(z'_i) in the C-simplex for n aligned pairs:
+    With Phi(z_i), Phi(z'_i) in the C-simplex for the n aligned pairs of *every* process (the joint matrix is summed
+    over processes with its gradient, so the loss is that of the concatenated batch, not a mean of per-process
+    mutual informations, which would differ):
 
         P = 1/n sum_i Phi(z_i) Phi(z'_i)^T ;  P <- (P + P^T)/2 ;  P <- P / sum(P) ;  P clamped at eps
         L_clu = - sum_{c,c'} P_cc' ( log P_cc' - lambda log P_c - lambda log P_c' )
 
     lambda > 1 pushes harder towards using every cluster (IIC's entropy weight). Always computed in fp32: the logs
     of small joint probabilities underflow in half precision.
+
+    Every process must call it (with n = 0 pairs if it has none); if no process has a pair, the loss is a zero that
+    keeps the graph connected.
 
     Args:
         p1, p2: [n, C] probabilities of aligned pairs.
@@ -23,7 +30,10 @@ def iic_loss(p1: torch.Tensor, p2: torch.Tensor, lam: float = 1.0, eps: float = 
     """
     with torch.autocast(device_type=p1.device.type, enabled=False):
         p1, p2 = p1.float(), p2.float()
-        joint = p1.t() @ p2 / p1.shape[0]  # [C, C]
+        n = all_reduce_sum(torch.tensor(float(p1.shape[0]), device=p1.device))
+        if n == 0:
+            return 0.0 * (p1.sum() + p2.sum())
+        joint = all_reduce_sum_with_grad(p1.t() @ p2) / n  # [C, C]
         joint = (joint + joint.t()) / 2
         joint = (joint / joint.sum()).clamp_min(eps)
         pi = joint.sum(1, keepdim=True)  # [C, 1]

@@ -111,6 +111,7 @@ class Clustering(Objective):
         c = a.shape[1]
         a = a[valid].permute(0, 2, 3, 1).reshape(-1, c)
         b = b[valid].permute(0, 2, 3, 1).reshape(-1, c)
-        if a.shape[0] == 0:  # no overlapping pair in this batch: a zero that keeps the graph connected
-            return {"clu": 0.0 * (probs[0].sum() + probs[1].sum())}
-        return {"clu": iic_loss(a, b, self.options.iic_lambda)}
+        # iic_loss runs even with no overlapping pair here (its joint matrix is summed over processes); the zero
+        # term keeps every probability in the graph, so DDP sees a gradient for the head on every process
+        loss = iic_loss(a, b, self.options.iic_lambda)
+        return {"clu": loss + 0.0 * (probs[0].sum() + probs[1].sum())}
