@@ -39,11 +39,7 @@ def main(argv=None) -> dict:
                                    steps=20, warmup=3, precision="fp32", threads=torch.get_num_threads(),
                                    negatives=bool(cfg.data.hard_negative_groups),
                                    device="cuda" if torch.cuda.is_available() else "cpu")
-    sets = {name: spec for name, spec in train_step.OBJECTIVE_SETS.items()}
-    sets["config"] = dict(cfg.objectives)
-    train_step.OBJECTIVE_SETS.clear()
-    train_step.OBJECTIVE_SETS.update(sets)
-    bare = train_step.run_isolated("config", bare_args)
+    bare = train_step.run_isolated(args.config, bare_args, spec=dict(cfg.objectives))
     with tempfile.TemporaryDirectory() as tmp:
         start = time.time()
         train_main(["--config", args.config, f"run.dir={tmp}/run", f"data.shards={args.shards}",

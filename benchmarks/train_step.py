@@ -3,7 +3,8 @@
 Every set uses the same model, batch size, precision, optimizer (AdamW) and input resolution; the data pipeline is
 excluded (batches are pre-built tensors), and a frozen text tower's features come from the text-feature cache
 (warmed once, as training has them after a caption's first sighting), so the numbers are the model step alone.
-FLOPs of one step (forward + backward) are counted with torch.utils.flop_counter. Each set runs in a fresh
+Step time is the median over --steps timed steps. FLOPs of one step (forward + backward) are counted with
+torch.utils.flop_counter, and a profile gives the share of time spent in the counted ops. Each set runs in a fresh
 subprocess, so its peak memory is its own: peak resident memory on CPU, peak allocated memory on CUDA. On CUDA, model
 FLOPs utilisation is reported against the measured bf16 matmul rate (and --peak-tflops).
 
@@ -52,7 +53,7 @@ def make_batch(model, batch: int, n_global: int, n_local: int, device, negatives
     return out
 
 
-def make_step(name: str, args, device):
+def make_step(name: str, args, device, spec: dict | None = None):
     from vilseg.models import create_model
     from vilseg.objectives import EMATeacher, Learner, build_objectives
     from vilseg.stage import freeze_unused
@@ -60,7 +61,7 @@ def make_step(name: str, args, device):
 
     torch.manual_seed(0)
     model = create_model(args.model).to(device).train()
-    objectives, weights = build_objectives(OBJECTIVE_SETS[name], model)
+    objectives, weights = build_objectives(spec if spec is not None else OBJECTIVE_SETS[name], model)
     freeze_unused(model, set().union(*(o.model_parts() for o in objectives.values())))
     frozen_text = not any(p.requires_grad for p in model.text_encoder.parameters())
     cache = TextFeatureCache(model.text_encoder, model.tokenizer) if frozen_text else None
@@ -89,30 +90,58 @@ def make_step(name: str, args, device):
     return step
 
 
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::convolution_backward",
+              "aten::mkldnn_convolution", "aten::_convolution", "aten::_scaled_dot_product_flash_attention_for_cpu",
+              "aten::_scaled_dot_product_flash_attention_for_cpu_backward", "aten::_scaled_dot_product_efficient_attention",
+              "aten::_efficient_attention_backward", "aten::_scaled_dot_product_flash_attention",
+              "aten::_flash_attention_backward")
+
+
+def matmul_share(step, device, steps: int = 3) -> float:
+    """Fraction of the step's operator self-time spent in the ops the FLOP counter counts (matrix products,
+    convolutions, attention). The rest (norms, activations, softmax, optimizer and EMA updates) costs time but no
+    counted FLOPs: where it weighs more, the time ratio exceeds the FLOP ratio."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        sync(device)
+    events = prof.key_averages()
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    total = sum(getattr(e, attr) for e in events)
+    counted = sum(getattr(e, attr) for e in events if e.key in MATMUL_OPS)
+    return counted / max(total, 1e-9)
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
-def measure(name: str, args) -> dict:
+def measure(name: str, args, spec: dict | None = None) -> dict:
     """One objective set, in this (fresh) process: seconds per step, images/s, TFLOPs per step, peak memory."""
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    step = make_step(name, args, device)
+    step = make_step(name, args, device, spec)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for _ in range(args.warmup):
         step()
     sync(device)
-    start = time.perf_counter()
-    for _ in range(args.steps):
+    times = []
+    for _ in range(args.steps):  # the median step: robust to the machine's other work
+        start = time.perf_counter()
         step()
-    sync(device)
-    seconds = (time.perf_counter() - start) / args.steps
+        sync(device)
+        times.append(time.perf_counter() - start)
+    seconds = float(np.median(times))
     with FlopCounterMode(display=False) as counter:
         step()
-    out = {"seconds_per_step": seconds, "images_per_second": args.batch / seconds,
-           "tflop_per_step": counter.get_total_flops() / 1e12}
+    out = {"seconds_per_step": seconds, "seconds_per_step_spread": [float(np.min(times)), float(np.max(times))],
+           "images_per_second": args.batch / seconds,
+           "tflop_per_step": counter.get_total_flops() / 1e12, "matmul_time_share": matmul_share(step, device)}
     if device.type == "cuda":
         out["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
         out["achieved_tflops"] = out["tflop_per_step"] / seconds
@@ -121,14 +150,15 @@ def measure(name: str, args) -> dict:
     return out
 
 
-def _child(name, args, queue):
-    queue.put(measure(name, args))
+def _child(name, args, spec, queue):
+    queue.put(measure(name, args, spec))
 
 
-def run_isolated(name: str, args) -> dict:
+def run_isolated(name: str, args, spec: dict | None = None) -> dict:
+    """:func:`measure` in a fresh process (its peak memory is then its own); ``spec`` overrides the named set."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(name, args, queue))
+    proc = ctx.Process(target=_child, args=(name, args, spec, queue))
     proc.start()
     result = queue.get()
     proc.join()
@@ -183,6 +213,7 @@ def main(argv=None) -> dict:
             r["mfu_vs_peak"] = r["achieved_tflops"] / args.peak_tflops
             r["mfu_vs_measured_matmul"] = r["achieved_tflops"] / results["measured_bf16_matmul_tflops"]
         print(f"{name:11s} {r['images_per_second']:8.1f} img/s  {r['seconds_per_step'] * 1e3:8.1f} ms/step  "
+              f"matmul share {r['matmul_time_share']:.0%}  "
               f"{r['tflop_per_step'] * 1e3:8.2f} GFLOP/step  peak {r['peak_memory_gib']:.2f} GiB  "
               f"time x{r['time_ratio_to_clip']:.2f} vs FLOPs x{r['flop_ratio_to_clip']:.2f} of the CLIP step"
               + (f"  MFU {r['mfu_vs_measured_matmul']:.1%} of measured matmul" if device.type == "cuda" else ""))

@@ -110,5 +110,5 @@ def test_recipe_rows_replace_their_seed_and_summarize(tmp_path):
     append_row(path, BACKBONE_COLUMNS, row | {"seed": 0, "miou_seen": 5.0})  # a re-run replaces its row
     with path.open() as f:
         table = list(csv.DictReader(f))
-    assert [(r["seed"], r["miou_seen"]) for r in table] == [("1", "3.00"), ("0", "5.00")]
+    assert [(r["seed"], r["miou_seen"]) for r in table] == [("0", "5.00"), ("1", "3.00")]  # sorted by seed
     assert "| scratch | 2 | **4.0** (3.0-5.0) |" in summarize(path)

@@ -47,11 +47,7 @@ def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     """Mean of ``x`` over every process (a copy; ``x`` itself is unchanged)."""
-    if not is_dist() or world_size() == 1:
-        return x
-    out = x.clone()
-    dist.all_reduce(out)
-    return out / world_size()
+    return all_reduce_sum(x) / world_size() if is_dist() else x
 
 
 def all_reduce_sum_with_grad(x: torch.Tensor) -> torch.Tensor:

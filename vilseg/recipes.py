@@ -162,11 +162,13 @@ def append_row(path: Path, columns: list[str], row: dict) -> None:
     if path.is_file():
         with path.open() as f:
             kept = [r for r in csv.DictReader(f) if (r["recipe"], r["seed"]) != (row["recipe"], str(row["seed"]))]
+    kept.append({k: (f"{v:.2f}" if isinstance(v, float) else v) for k, v in row.items()})
+    order = list(dict.fromkeys([*RECIPES, *(r["recipe"] for r in kept)]))
+    kept.sort(key=lambda r: (order.index(r["recipe"]), int(r["seed"])))
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(kept)
-        writer.writerow({k: (f"{v:.2f}" if isinstance(v, float) else v) for k, v in row.items()})
 
 
 def summarize(path: Path) -> str:
@@ -180,8 +182,12 @@ def summarize(path: Path) -> str:
         cells = []
         for c in columns:
             values = np.array([float(r[c]) for r in group])
-            cells.append(f"**{values.mean():.1f}** ({values.min():.1f}-{values.max():.1f})" if len(values) > 1
-                         else f"{values.mean():.1f}")
+            if np.isnan(values).all():
+                cells.append("-")
+                continue
+            digits = 2 if np.nanmax(np.abs(values)) < 2 else 1  # AUCs and the like
+            mean, low, high = (f"{v:.{digits}f}" for v in (values.mean(), values.min(), values.max()))
+            cells.append(f"**{mean}** ({low}-{high})" if len(values) > 1 else mean)
         lines.append(f"| {recipe} | {len(group)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
