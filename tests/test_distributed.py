@@ -1,4 +1,5 @@
 """Two gloo processes on two halves of a batch train exactly as one process on the whole batch."""
+import contextlib
 import os
 import tempfile
 
@@ -38,11 +39,12 @@ def _half(batch, rank, world):
     return {k: ([x[part] for x in v] if k == "views" else v[part]) for k, v in batch.items()}
 
 
+@contextlib.contextmanager
 def _per_image_corruption():
     """The corruption of the global views with a fill that depends on the image alone (its negative). The shipped
     fills draw from the process's own batch ("image": the next image of that batch) or its own RNG ("noise"), so the
     two halves of a batch are corrupted differently from the whole; with this fill the test isolates the
-    distributed maths of the losses."""
+    distributed maths of the losses. Restored on exit (the single-process reference runs in the test process)."""
     from functools import cached_property
 
     from vilseg.objectives.context import StepContext
@@ -53,8 +55,13 @@ def _per_image_corruption():
                  for g in range(ctx.n_global)]
         return [torch.lerp(v, -v, m) for v, m in zip(ctx.global_views, masks)], masks
 
+    original = StepContext.__dict__["corrupted"]
     StepContext.corrupted = cached_property(corrupted)
     StepContext.corrupted.__set_name__(StepContext, "corrupted")
+    try:
+        yield
+    finally:
+        StepContext.corrupted = original
 
 
 def _train(name, batch, wrap=None):
@@ -62,7 +69,6 @@ def _train(name, batch, wrap=None):
     from vilseg.objectives import EMATeacher, Learner, build_objectives
     from vilseg.stage import freeze_unused
 
-    _per_image_corruption()
     torch.manual_seed(0)
     model = create_model("vilseg-tiny")
     with torch.no_grad():  # peaked cluster assignments: a clustering term with real gradients from the first step
@@ -76,14 +82,15 @@ def _train(name, batch, wrap=None):
     optimizer = torch.optim.SGD([p for p in learner.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
     step_fn = wrap(learner) if wrap else learner
     losses = []
-    for step in range(STEPS):
-        terms = step_fn(batch, teacher, step, STEPS)
-        terms["loss"].backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        learner.after_step()
-        teacher.update(model.image_encoder, learner.teacher_heads(), 0.9)
-        losses.append(terms["loss"].detach())
+    with _per_image_corruption():
+        for step in range(STEPS):
+            terms = step_fn(batch, teacher, step, STEPS)
+            terms["loss"].backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            learner.after_step()
+            teacher.update(model.image_encoder, learner.teacher_heads(), 0.9)
+            losses.append(terms["loss"].detach())
     state = {f"learner.{k}": v.detach().clone() for k, v in learner.state_dict().items()}
     state.update({f"teacher.{k}": v.detach().clone() for k, v in teacher.state_dict().items()})
     return state, torch.stack(losses)
