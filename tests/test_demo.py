@@ -15,7 +15,11 @@ def test_demo_writes_metrics_for_seen_and_held_out_queries_and_overlays(tmp_path
                         "--out", str(tmp_path / "out")])
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["seen_queries_miou"] == report["seen_queries_miou"]
-    assert metrics["readout"] == "cluster+reencode_global"  # the default read-out
+    # the read-out is chosen on the calibration split among the candidates and saved with the model
+    saved = json.loads((tmp_path / "out" / "train" / "final" / "readout.json").read_text())
+    assert metrics["readout"] == f"{saved['grouping']}+{saved['naming']}" in ("clusters+reencode_global", "clusters+pool")
+    assert saved["threshold"] == metrics["bg_threshold"] and set(saved["calibration"]["candidates"]) == {
+        "clusters+reencode_global", "clusters+pool"}
     for vocab in ("canonical", "synonym"):
         assert len(metrics[vocab]["per_class_iou"]) == 17  # background + 16 colour-shape classes
     held = [q for q in metrics["per_query_iou"].values() if q["held_out"]]

@@ -8,11 +8,11 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):
-    if name == "Segmenter":  # lazy: faiss is imported only when segmenting
-        from .segment import Segmenter
+    if name in ("Segmenter", "VocabularyIndex", "ReadOut"):  # lazy: faiss is imported only when segmenting
+        from . import inference
 
-        return Segmenter
+        return getattr(inference, name)
     raise AttributeError(name)
 
 
-__all__ = ["Segmenter", "ViLSeg", "create_model", "list_models", "__version__"]
+__all__ = ["ReadOut", "Segmenter", "ViLSeg", "VocabularyIndex", "create_model", "list_models", "__version__"]

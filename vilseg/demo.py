@@ -1,17 +1,18 @@
 """The demo: synthetic shards -> ViL-Seg training -> open-vocabulary segmentation of the held-out split.
 
     python -m vilseg.demo                       # full ViL-Seg, ~13 CPU-minutes of training
-    python -m vilseg.demo --skip-train --region pool   # the paper's read-out: clusters named by pooled patch embeddings
-    python -m vilseg.demo --config configs/demo_xm_only.yaml --readout dense --out runs/demo_xm_only
+    python -m vilseg.demo --skip-train --naming pool   # the paper's read-out: clusters named by pooled patch embeddings
+    python -m vilseg.demo --config configs/demo_xm_only.yaml --grouping dense --out runs/demo_xm_only
     python -m vilseg.demo --summarize runs/demo runs/demo_xm_only     # Markdown table of finished runs
 
 Writes OUT/metrics.json (mIoU, per-class IoU; seen and held-out queries separately), OUT/overlays/*.png
 (image | prediction | ground truth) and OUT/train/ (config, checkpoints, TensorBoard logs, final model).
 
-Read-out: by default the paper's clusters (connected components of the clustering head's arg-max), each segment
-named by the *global* embedding of its own re-encoding (``Segmenter(region="reencode_global")``), the read-out that
-scores best on the calibration split (docs/results.md); ``--region pool`` is the paper's naming by pooled patch
-embeddings.
+Read-out: the demo calibrates every candidate read-out (grouping x naming, the ones ``--grouping``/``--naming``
+leave open) on the calibration split, keeps the best with its background threshold, saves it beside the model
+(``OUT/train/final/readout.json``, which ``Segmenter.from_pretrained`` and ``vilseg segment`` then use by default)
+and evaluates it. For the demo model that is the paper's clusters (connected components of the clustering head's
+arg-max), each named by the *global* embedding of its own re-encoding (docs/results.md).
 
 Queries: the 16 colour-shape classes. "Seen" classes occur in training captions. Held-out queries are
 (a) the 4 colour-shape combinations that never occur in training, and (b) every class worded with synonyms that
@@ -29,7 +30,10 @@ import numpy as np
 import torch
 
 from . import evaluate as ev
-from .segment import REGIONS
+from .inference.segmenter import ReadOut
+from .inference.strategies import GROUPINGS, NAMINGS
+
+CANDIDATES = (("clusters", "reencode_global"), ("clusters", "pool"))  # the read-outs the demo chooses from
 
 
 def prepare_data(data_dir: Path, n_train: int, n_eval: int, image_size: int) -> str:
@@ -54,25 +58,59 @@ def group_miou(iou: dict[str, float], names: list[str]) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
-def evaluate_model(model_dir: Path, data_dir: Path, out: Path, readout: str, n_overlays: int,
-                   region: str = "pool") -> dict:
-    from .segment import Segmenter
+def calibrate(model_dir: Path, data_dir: Path, grouping: str | None = None, naming: str | None = None
+              ) -> tuple[ReadOut, dict]:
+    """Chooses the read-out and its background threshold on the calibration split (``data_dir/calib``).
+
+    Every candidate (``CANDIDATES``, or the one grouping x naming given) is scored on the calibration split with a
+    sweep of thresholds; the best candidate at its best threshold wins. Returns it and every candidate's sweep.
+    """
+    from .inference import Segmenter
+
+    calib, meta = ev.load_split(data_dir / "calib")
+    names = meta["classes"][1:]
+    candidates = [(g, n) for g, n in CANDIDATES if (grouping in (None, g)) and (naming in (None, n))]
+    if not candidates:  # an explicit pair outside the candidates
+        candidates = [(grouping or "clusters", naming or "pool")]
+    from .models import ViLSeg
+
+    model = ViLSeg.from_pretrained(model_dir)
+    index = Segmenter(model, vocabulary=names).index  # embedded once, shared by every candidate
+    sweeps, best = {}, None
+    for g, n in candidates:
+        seg = Segmenter(model, vocabulary=index, readout=ReadOut(g, n, threshold=None))
+        threshold, sweep = ev.calibrate_threshold(ev.class_scores(seg, calib), len(names) + 1)
+        sweeps[f"{g}+{n}"] = sweep
+        if best is None or sweep[threshold] > best[3]:
+            best = (g, n, threshold, sweep[threshold])
+    g, n, threshold, miou = best
+    readout = ReadOut(g, n, threshold=threshold, calibration={
+        "split": str(data_dir / "calib"), "miou": 100 * miou,
+        "candidates": {k: 100 * max(v.values()) for k, v in sweeps.items()}})
+    return readout, sweeps
+
+
+def evaluate_model(model_dir: Path, data_dir: Path, out: Path, n_overlays: int, grouping: str | None = None,
+                   naming: str | None = None, save_readout: bool = False) -> dict:
+    """Calibrates the read-out (:func:`calibrate`), optionally saves it beside the model, and evaluates it on the
+    evaluation split with the canonical and the synonym vocabulary."""
+    from .inference import Segmenter
 
     items, meta = ev.load_split(data_dir / "eval")
-    calib, _ = ev.load_split(data_dir / "calib")
     names = meta["classes"][1:]
     n_classes = len(names) + 1
-    seg = Segmenter.from_pretrained(model_dir, queries=names, readout=readout, region=region)
-    threshold, sweep = ev.calibrate_threshold(ev.class_scores(seg, calib), n_classes)
-    seg.bg_threshold = threshold
-    name = readout + ("" if region == "pool" else "+" + region)
-    report = {"readout": name, "bg_threshold": threshold,
-              "calibration_sweep": sweep}
+    readout, sweeps = calibrate(model_dir, data_dir, grouping, naming)
+    if save_readout:
+        readout.save(model_dir)
+    seg = Segmenter.from_pretrained(model_dir, vocabulary=names, readout=readout)
+    report = {"readout": f"{readout.grouping}+{readout.naming}", "bg_threshold": readout.threshold,
+              "calibration_sweep": sweeps[f"{readout.grouping}+{readout.naming}"],
+              "calibration": readout.calibration}
     per_query = {}
     for vocab in ("canonical", "synonym"):
         queries = names if vocab == "canonical" else [meta["synonyms"][n] for n in names]
-        seg.set_queries(queries)
-        acc = ev.score_split(ev.class_scores(seg, items), n_classes, threshold)
+        seg.set_vocabulary(queries)
+        acc = ev.score_split(ev.class_scores(seg, items), n_classes, readout.threshold)
         iou = dict(zip(meta["classes"], (100 * acc.iou()).tolist()))
         report[vocab] = {"miou": 100 * acc.miou(), "per_class_iou": iou,
                          "seen_miou": group_miou(iou, meta["seen_classes"]),
@@ -83,8 +121,7 @@ def evaluate_model(model_dir: Path, data_dir: Path, out: Path, readout: str, n_o
             per_query[query] = {"class": name, "iou": iou[name], "vocabulary": vocab,
                                 "held_out": vocab == "synonym" or name in meta["heldout_classes"]}
         if vocab == "canonical":
-            seg_names = ["background", *queries]
-            report["overlays"] = ev.write_overlays(seg, items, seg_names, out / "overlays", n_overlays)
+            report["overlays"] = ev.write_overlays(seg, items, out / "overlays", n_overlays)
     seen = [q["iou"] for q in per_query.values() if not q["held_out"] and not np.isnan(q["iou"])]
     held = [q["iou"] for q in per_query.values() if q["held_out"] and not np.isnan(q["iou"])]
     report["seen_queries_miou"] = float(np.mean(seen))
@@ -156,23 +193,24 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
     parser.add_argument("--data", type=Path, default=Path("data/demo"))
-    parser.add_argument("--readout", choices=("cluster", "dense", "chance"), default="cluster")
+    parser.add_argument("--chance", action="store_true", help="score a uniform random labelling instead of a model")
     parser.add_argument("--train-samples", type=int, default=30000)
     parser.add_argument("--eval-samples", type=int, default=300)
     parser.add_argument("--overlays", type=int, default=8)
-    parser.add_argument("--region", choices=REGIONS, default="reencode_global",
-                        help="cluster read-out: segment embedding by re-encoding the segment alone and taking its "
-                             "global embedding (default) or pooling its patch embeddings, or by pooling the patch "
-                             "embeddings of the whole image (the paper)")
+    parser.add_argument("--grouping", choices=sorted(GROUPINGS), default=None,
+                        help="fix the grouping (default: the calibration split chooses)")
+    parser.add_argument("--naming", choices=sorted(NAMINGS), default=None,
+                        help="fix the naming: the re-encoded global embedding or pooled patch embeddings (the "
+                             "paper's); default: the calibration split chooses")
     parser.add_argument("--skip-train", action="store_true", help="reuse OUT/train/final")
     parser.add_argument("overrides", nargs="*", help="key=value training-config overrides")
     args = parser.parse_args(argv)
-    if args.readout != "cluster":  # re-encoding acts on clusters; other read-outs have none
-        args.region = "pool"
+    if args.grouping == "dense":  # re-encoding names segments; a dense read-out's segments are single patches
+        args.naming = "pool"
     start = time.time()
     pattern = prepare_data(args.data, args.train_samples, args.eval_samples, image_size=64)
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.readout == "chance":
+    if args.chance:
         report = chance_report(args.data)
     else:
         model_dir = args.out / "train" / "final"
@@ -181,7 +219,8 @@ def main(argv: list[str] | None = None) -> dict:
 
             train_main(["--config", args.config, f"run.dir={args.out / 'train'}", f"data.shards={pattern}",
                         *args.overrides])
-        report = evaluate_model(model_dir, args.data, args.out, args.readout, args.overlays, args.region)
+        report = evaluate_model(model_dir, args.data, args.out, args.overlays, args.grouping, args.naming,
+                                save_readout=True)
     report["config"] = args.config
     report["seconds_total"] = round(time.time() - start, 1)
     (args.out / "metrics.json").write_text(json.dumps(report, indent=1))

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -69,13 +68,12 @@ def load_split(root: str | Path) -> tuple[list[tuple[str, Path, Path]], dict]:
 
 @torch.no_grad()
 def class_scores(segmenter, items) -> list[tuple[torch.Tensor, np.ndarray]]:
-    """[(Q x H x W upsampled scores, H x W labels)] for every item (scores computed once, thresholds vary)."""
+    """[(Q x H x W upsampled scores, H x W labels)] for every item (scores computed once, thresholds vary); the
+    Segmenter's own read-out path (:meth:`~vilseg.inference.Segmenter.score_maps`)."""
     out = []
     for _, image_path, mask_path in tqdm(items, desc="scoring", mininterval=2, leave=False):
-        x, size = segmenter.preprocess(image_path)
-        scores, _ = segmenter.patch_scores(x)
-        up = F.interpolate(scores, size=size, mode="bilinear", align_corners=False)[0].cpu()
-        out.append((up, np.asarray(Image.open(mask_path))))
+        scores, _ = segmenter.score_maps(image_path)
+        out.append((scores, np.asarray(Image.open(mask_path))))
     return out
 
 
@@ -109,9 +107,10 @@ def chance_accumulator(items, n_classes: int, seed: int = 0) -> IoUAccumulator:
     return acc
 
 
-def write_overlays(segmenter, items, names, out_dir: Path, n: int) -> list[str]:
+def write_overlays(segmenter, items, out_dir: Path, n: int) -> list[str]:
     from .overlay import render_overlay
 
+    names = ["background", *segmenter.index.classes]
     paths = []
     for key, image_path, mask_path in items[:n]:
         result = segmenter.segment(image_path)
@@ -122,26 +121,25 @@ def write_overlays(segmenter, items, names, out_dir: Path, n: int) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from .segment import Segmenter
+    from .inference import ReadOut, Segmenter
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
     parser.add_argument("--data", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--vocabulary", choices=("canonical", "synonym"), default="canonical")
-    parser.add_argument("--readout", choices=("cluster", "dense"), default="cluster")
-    parser.add_argument("--bg-threshold", type=float, default=0.3)
     parser.add_argument("--overlays", type=int, default=8)
     args = parser.parse_args(argv)
     items, meta = load_split(args.data)
     names = meta["classes"][1:]
     queries = [meta["synonyms"][n] for n in names] if args.vocabulary == "synonym" else names
-    seg = Segmenter.from_pretrained(args.model, queries=queries, readout=args.readout, bg_threshold=args.bg_threshold)
-    acc = score_split(class_scores(seg, items), len(names) + 1, args.bg_threshold)
+    seg = Segmenter.from_pretrained(args.model, vocabulary=queries)  # the model's saved read-out, if any
+    threshold = seg.readout.threshold if seg.readout.threshold is not None else ReadOut().threshold
+    acc = score_split(class_scores(seg, items), len(names) + 1, threshold)
     out = Path(args.out)
-    metrics = {"miou": 100 * acc.miou(),
+    metrics = {"miou": 100 * acc.miou(), "readout": seg.readout.__dict__,
                "per_class_iou": {n: 100 * float(v) for n, v in zip(meta["classes"], acc.iou())}}
-    metrics["overlays"] = write_overlays(seg, items, ["background", *queries], out / "overlays", args.overlays)
+    metrics["overlays"] = write_overlays(seg, items, out / "overlays", args.overlays)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     print(json.dumps({"miou": metrics["miou"]}))

@@ -111,11 +111,11 @@ def measure(model_dir: Path, data_dir: Path, out: Path, text: bool) -> dict:
     model = ViLSeg.from_pretrained(model_dir)
     report = probe_encoder(model, data_dir / "eval", out / "intra_inter.png")
     if text:
-        from .segment import Segmenter
+        from .inference import ReadOut, Segmenter
 
-        for region in ("reencode_global", "pool"):
-            report[f"cluster+{region}"] = demo.evaluate_model(model_dir, data_dir, out / region, "cluster", 4, region)
-        dense = Segmenter(model, queries=names, readout="dense")
+        for naming in ("reencode_global", "pool"):
+            report[f"cluster+{naming}"] = demo.evaluate_model(model_dir, data_dir, out / naming, 4, "clusters", naming)
+        dense = Segmenter(model, vocabulary=names, readout=ReadOut("dense", "pool", threshold=None))
         report["patch_naming"] = patch_naming_accuracy(dense, items, names)
         report["zeroshot_object_shape"] = zero_shot_object_shape(model, items, names)
     return report
@@ -123,14 +123,13 @@ def measure(model_dir: Path, data_dir: Path, out: Path, text: bool) -> dict:
 
 def zero_shot_object_shape(model, items, names: list[str]) -> float:
     """Shape accuracy (%) of naming each object by the best query for its pooled joint-space patch embeddings."""
-    from .eval import EncoderFeatures, object_features
-    from .segment import Segmenter
-
-    x, y, _ = object_features(EncoderFeatures(model, joint=True), items)
-    seg = Segmenter(model, queries=names, readout="dense")
     import torch
 
-    scores = seg.index.scores(torch.from_numpy(x))
+    from .eval import EncoderFeatures, object_features
+    from .inference import VocabularyIndex
+
+    x, y, _ = object_features(EncoderFeatures(model, joint=True), items)
+    scores = VocabularyIndex.build(model, names).scores(torch.from_numpy(x))
     pred = scores.argmax(1).numpy()
     return float(100 * np.mean([names[p].split()[1] == names[c - 1].split()[1] for p, c in zip(pred, y)]))
 

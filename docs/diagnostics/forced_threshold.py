@@ -6,11 +6,12 @@ import sys
 
 from vilseg import evaluate as ev
 from vilseg.demo import group_miou
-from vilseg.segment import Segmenter
+from vilseg.inference import ReadOut, Segmenter
 
 model, threshold = sys.argv[1], float(sys.argv[2])
 items, meta = ev.load_split("data/demo/eval")
-seg = Segmenter.from_pretrained(model, queries=meta["classes"][1:], readout="dense")
+seg = Segmenter.from_pretrained(model, vocabulary=meta["classes"][1:],
+                                readout=ReadOut("dense", "pool", threshold=None))
 acc = ev.score_split(ev.class_scores(seg, items), len(meta["classes"]), threshold)
 iou = dict(zip(meta["classes"], (100 * acc.iou()).tolist()))
 print(f"mIoU {100 * acc.miou():.1f}  seen {group_miou(iou, meta['seen_classes']):.1f}  "

@@ -15,14 +15,14 @@ import torch
 from PIL import Image
 
 from vilseg import evaluate as ev
-from vilseg.segment import Segmenter
+from vilseg.inference import ReadOut, Segmenter
 
 
 @torch.no_grad()
 def main(model: str, data: str = "data/demo") -> None:
     items, meta = ev.load_split(f"{data}/eval")
     names = meta["classes"][1:]
-    seg = Segmenter.from_pretrained(model, queries=names, readout="dense")
+    seg = Segmenter.from_pretrained(model, vocabulary=names, readout=ReadOut("dense", "pool", threshold=None))
     total = right = right_colour = right_shape = 0
     for _, image_path, mask_path in items:
         present = [c for c in np.unique(np.asarray(Image.open(mask_path))) if 0 < c < 255]

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from vilseg import create_model
 from vilseg.data.synthetic import CLASSES, SyntheticWorld, synonym_name
-from vilseg.segment import DEFAULT_TEMPLATES
+from vilseg.inference import DEFAULT_TEMPLATES
 
 model = create_model("vilseg-demo").eval()
 tower = model.text_encoder

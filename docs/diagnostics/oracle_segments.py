@@ -20,14 +20,14 @@ import torch.nn.functional as F
 from PIL import Image
 
 from vilseg import evaluate as ev
-from vilseg.segment import Segmenter
+from vilseg.inference import ReadOut, Segmenter
 
 
 @torch.no_grad()
 def main(model: str, data: str = "data/demo", limit: int = 300) -> None:
     items, meta = ev.load_split(f"{data}/eval")
     names = meta["classes"][1:]
-    seg = Segmenter.from_pretrained(model, queries=names, readout="dense")
+    seg = Segmenter.from_pretrained(model, vocabulary=names, readout=ReadOut("dense", "pool", threshold=None))
     m = seg.model
     ways = ("pool-norm", "pool-raw", "re-patch", "re-global")
     hits = {w: np.zeros(3) for w in ways}

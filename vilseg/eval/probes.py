@@ -26,7 +26,7 @@ THETAS = tuple(np.round(np.arange(0.1, 0.91, 0.1), 2))
 def instance_masks(label: np.ndarray, min_pixels: int = 16) -> list[tuple[int, np.ndarray]]:
     """[H, W] class labels (0 background, 255 ignored) -> [(class, [H, W] bool mask)] of every 4-connected object
     with at least ``min_pixels`` pixels."""
-    from ..segment import connected_components
+    from ..inference.strategies import connected_components
 
     lab = torch.from_numpy(label.astype(np.int64))
     comp = connected_components(lab[None])[0]
@@ -263,7 +263,8 @@ def linear_probe(x: np.ndarray, y: np.ndarray, groups: np.ndarray, folds: int = 
 def patch_naming_accuracy(segmenter, items, names: list[str]) -> dict:
     """Per ground-truth foreground pixel, the dense read-out's best query (no background threshold): the fraction
     (%) whose class, colour and shape are right (names are "<colour> <shape>"; chance 1/Q, and 1/4 for the
-    synthetic world's colours and shapes). ``segmenter`` must use ``readout="dense"`` with ``names`` as queries."""
+    synthetic world's colours and shapes). ``segmenter`` must use the dense grouping with ``names`` as its
+    vocabulary."""
     from ..evaluate import class_scores
 
     colour = [n.split()[0] for n in names]

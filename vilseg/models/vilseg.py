@@ -180,10 +180,21 @@ class ViLSeg(nn.Module):
         cfg = model_config_from_dict(json.loads((directory / CONFIG_NAME).read_text()), str(directory / CONFIG_NAME))
         asset_dir = directory / TEXT_ASSETS if cfg.text.backend == "hf" else None
         model = build_vilseg(cfg, text_asset_dir=asset_dir)
-        state = load_file(str(directory / WEIGHTS_NAME), device=map_location)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise RuntimeError(f"{directory / WEIGHTS_NAME}: missing keys {missing[:5]}, unexpected {unexpected[:5]}")
+        weights = directory / WEIGHTS_NAME
+        try:
+            state = load_file(str(weights), device=map_location)
+        except Exception as exn:  # safetensors raises its own error types for truncated or foreign files
+            raise ValueError(f"{weights} is not a readable safetensors file: {exn}") from exn
+        expected = model.state_dict()
+        missing = [k for k in expected if k not in state]
+        unexpected = [k for k in state if k not in expected]
+        reshaped = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+                    if k in state and state[k].shape != v.shape]
+        if missing or unexpected or reshaped:
+            raise ValueError(f"{weights} does not fit the model its config.json describes: {len(missing)} missing "
+                             f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}), "
+                             f"{len(reshaped)} of another shape (e.g. {reshaped[:2]})")
+        model.load_state_dict(state)
         return model
 
 

@@ -1,0 +1,315 @@
+"""The Segmenter and its strategies, each on its own, on transparent models whose right answers are known; the faiss
+VocabularyIndex against brute force."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vilseg import create_model
+from vilseg.evaluate import IoUAccumulator
+from vilseg.inference import (BackgroundWordsDecision, ClusterGrouping, DenseGrouping, NoDecision, PooledNaming,
+                              ReadOut, ReencodeGlobalNaming, Segmenter, SlidingWindow, ThresholdDecision,
+                              VocabularyIndex, connected_components)
+
+
+class ColourModel(nn.Module):
+    """A transparent model with the ViLSeg inference interface: patch embedding = mean patch colour (one-hot over
+    red/green/blue when saturated, else a fourth 'grey' axis); clusters = the same one-hot; texts embed by colour
+    word. The Segmenter's own logic (grouping, naming, decisions, upsampling) is what is under test."""
+
+    def __init__(self):
+        super().__init__()
+        self.logit_scale = nn.Parameter(torch.zeros(()))
+        self.image_encoder = nn.Module()
+        self.image_encoder.patch_size = 8
+        self.image_encoder.normalize = lambda x: x
+        self.config = type("C", (), {"image": type("I", (), {"img_size": 32})()})()
+
+    def _onehot(self, images):
+        patches = F.avg_pool2d(images, 8)  # [B, 3, h, w]
+        saturated = (patches.max(1).values - patches.min(1).values) > 0.3
+        idx = torch.where(saturated, patches.argmax(1), torch.full_like(patches.argmax(1), 3))
+        return F.one_hot(idx, 4).permute(0, 3, 1, 2).float()
+
+    def dense_embeddings(self, images):
+        onehot = self._onehot(images)
+        return {"patch_embed": onehot, "cluster_probs": onehot,
+                "image_embed": F.normalize(onehot.mean((2, 3)), dim=-1)}
+
+    def encode_texts(self, texts):
+        words = {"red": 0, "green": 1, "blue": 2, "grey": 3}
+        out = torch.zeros(len(texts), 4)
+        for i, t in enumerate(texts):
+            for w, j in words.items():
+                if w in t:
+                    out[i, j] = 1
+        return F.normalize(out + 1e-3, dim=-1)
+
+
+def _scene():
+    img = np.full((32, 48, 3), 128, np.uint8)  # grey background
+    img[0:16, 0:16] = (255, 0, 0)  # red square, top-left
+    img[16:32, 32:48] = (255, 0, 0)  # second red square, bottom-right (not touching the first)
+    img[0:16, 32:48] = (0, 0, 255)  # blue square, top-right
+    return img
+
+
+def _truth():
+    truth = np.zeros((32, 48), np.int64)
+    truth[0:16, 0:16] = truth[16:32, 32:48] = 1
+    truth[0:16, 32:48] = 3
+    return truth
+
+
+QUERIES = ["red thing", "green thing", "blue thing"]
+
+
+@pytest.mark.parametrize("grouping", ["clusters", "dense"])
+def test_known_scene_labels_background_and_segments(grouping):
+    seg = Segmenter(ColourModel(), QUERIES, ReadOut(grouping, "pool", threshold=0.4, input_size=32))
+    res = seg.segment(_scene())
+    assert res.labels.shape == (32, 48) and res.segment_map.shape == (32, 48)
+    acc = IoUAccumulator(4)
+    acc.update(res.labels, _truth())
+    assert acc.iou()[[0, 1, 3]].min() > 0.9  # bilinear upsampling rounds the corners only
+    if grouping == "clusters":
+        # the two red squares share a cluster but are separate connected segments; grey is background (centred
+        # queries: a pure red patch scores cos((1,0,0,0), (2,-1,-1,0)/sqrt(6)) = 0.816, grey below 0.4)
+        assert sorted(s["label"] for s in res.segments) == ["background", "blue thing", "red thing", "red thing"]
+        red = [s for s in res.segments if s["label"] == "red thing"]
+        assert {tuple(s["box"]) for s in red} == {(0, 0, 16, 16), (32, 16, 48, 32)}
+        assert all(abs(s["score"] - 0.8165) < 1e-3 and s["area"] == 256 for s in red)
+        assert red[0]["top"][0] == ["red thing", pytest.approx(0.8165, abs=1e-3)] and len(red[0]["top"]) == 3
+    else:
+        assert len(res.segments) == 4 * 6  # every patch
+
+
+def test_cluster_grouping_splits_a_cluster_into_connected_segments():
+    probs = torch.zeros(1, 2, 3, 4)
+    probs[0, 0] = torch.tensor([[1, 1, 0, 1], [0, 0, 0, 1], [1, 0, 0, 0]], dtype=torch.float)
+    probs[0, 1] = 1 - probs[0, 0]
+    ids = ClusterGrouping()({"cluster_probs": probs})
+    # cluster 0 has three components, cluster 1 one: 4 segments, numbered by first appearance
+    assert ids.tolist() == [[0, 0, 1, 2], [1, 1, 1, 2], [3, 1, 1, 1]]
+    dense = DenseGrouping()({"patch_embed": torch.zeros(1, 5, 3, 4)})
+    assert dense.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+
+
+def test_pooled_naming_is_the_normalised_mean_of_patch_embeddings():
+    emb = F.normalize(torch.randn(1, 6, 2, 3), dim=1)
+    ids = torch.tensor([[0, 0, 1], [1, 2, 2]])
+    out = PooledNaming()(None, None, {"patch_embed": emb}, ids)
+    flat = emb[0].flatten(1).t()
+    expected = torch.stack([flat[[0, 1]].mean(0), flat[[2, 3]].mean(0), flat[[4, 5]].mean(0)])
+    torch.testing.assert_close(out, F.normalize(expected, dim=-1))
+
+
+class OutlineModel(ColourModel):
+    """Patch embeddings know only colour; the global embedding knows only the outline of what is saturated in the
+    image: wider than tall, or taller than wide (a stand-in for shape, which a ViT's average-pooled global embedding
+    learns from captions while its patch embeddings do not)."""
+
+    def dense_embeddings(self, images):
+        onehot = self._onehot(images)
+        fg = onehot[:, :3].sum(1) > 0  # [B, h, w] saturated patches
+        rows, cols = fg.any(2).sum(1), fg.any(1).sum(1)
+        outline = torch.stack([(cols > rows).float(), (rows > cols).float()], 1)  # [B, 2]: wide, tall
+        return {"patch_embed": F.pad(onehot, (0, 0, 0, 0, 0, 2)), "cluster_probs": onehot,
+                "image_embed": F.pad(outline, (4, 0))}
+
+    def encode_texts(self, texts):
+        out = torch.zeros(len(texts), 6)
+        for i, t in enumerate(texts):
+            out[i, 4 if "wide" in t else 5] = 1
+        return F.normalize(out + 1e-3, dim=-1)
+
+
+def _bars():
+    img = np.full((32, 48, 3), 128, np.uint8)
+    img[0:8, 0:32] = (255, 0, 0)  # a wide red bar (1 x 4 patches)
+    img[0:32, 40:48] = (255, 0, 0)  # a tall red bar (4 x 1 patches), not touching the first
+    return img
+
+
+def test_reencode_global_names_each_segment_by_its_own_outline():
+    queries = ["wide thing", "tall thing"]
+    res = Segmenter(OutlineModel(), queries, ReadOut("clusters", "reencode_global", 0.4, input_size=32)).segment(_bars())
+    assert (res.labels[0:6, 0:30] == 1).all() and (res.labels[2:30, 42:48] == 2).all()
+    assert (res.labels[12:32, 0:32] == 0).all()  # the grey background re-encodes to nothing: below threshold
+    # the same segments named by their pooled patch embeddings see only red: neither outline, all background
+    res = Segmenter(OutlineModel(), queries, ReadOut("clusters", "pool", 0.4, input_size=32)).segment(_bars())
+    assert (res.labels == 0).all()
+
+
+def test_reencode_global_caps_segments_and_windows_large_images():
+    model, queries = OutlineModel(), ["wide thing", "tall thing"]
+    seg = Segmenter(model, queries, ReadOut("clusters", "reencode_global", 0.4, input_size=32))
+    x, _ = seg.preprocess(_bars())
+    dense = model.dense_embeddings(x)
+    ids = ClusterGrouping()(dense)
+    full = ReencodeGlobalNaming()(model, x, dense, ids)
+    capped = ReencodeGlobalNaming(max_segments=1)(model, x, dense, ids)  # only the largest is re-encoded
+    pooled = PooledNaming()(model, x, dense, ids)
+    largest = int(torch.bincount(ids.flatten()).argmax())
+    torch.testing.assert_close(capped[largest], full[largest])
+    others = [i for i in range(len(full)) if i != largest]
+    torch.testing.assert_close(capped[others], pooled[others])
+    # a window of 2 patches around each segment instead of the whole 4 x 6 patch image: same outlines here
+    windowed = ReencodeGlobalNaming(window=16)(model, x, dense, ids)
+    torch.testing.assert_close(windowed.argmax(1), full.argmax(1))
+
+
+def test_decisions():
+    scores, classes = torch.tensor([0.2, 0.5, 0.9]), torch.tensor([0, 1, 2])
+    names = ["cat", "sky", "dog"]
+    assert ThresholdDecision(0.4).background(scores, classes, names).tolist() == [True, False, False]
+    assert BackgroundWordsDecision(("sky",)).background(scores, classes, names).tolist() == [False, True, False]
+    assert NoDecision().background(scores, classes, names).tolist() == [False, False, False]
+
+
+def test_background_words_replace_the_threshold():
+    seg = Segmenter(ColourModel(), QUERIES, ReadOut("clusters", "pool", threshold=None,
+                                                      background_words=["grey thing"], input_size=32))
+    res = seg.segment(_scene())
+    assert seg.index.classes[-1] == "grey thing" and seg.classes == QUERIES
+    assert (res.labels[20:32, 0:14] == 0).all()  # the grey region names "grey thing": background
+    assert (res.labels[0:12, 0:12] == 1).all()
+
+
+def test_sliding_window_tiles_agree_with_one_pass_for_a_local_model():
+    model = ColourModel()
+    image = torch.rand(1, 3, 48, 80)
+    one = model.dense_embeddings(image)
+    tiled = SlidingWindow(window=32, stride=16, max_tokens=4)(model, image)  # 6 x 10 patches > 4: tiled
+    torch.testing.assert_close(tiled["patch_embed"], F.normalize(one["patch_embed"], dim=1))
+    torch.testing.assert_close(tiled["cluster_probs"], one["cluster_probs"])
+    assert SlidingWindow().windows(48, 80, 32, 16) == [(y, y + 32, x, x + 32) for y in (0, 16) for x in (0, 16, 32, 48)]
+    assert SlidingWindow().windows(20, 40, 32, 16) == [(0, 20, 0, 32), (0, 20, 8, 40)]  # clamped to the border
+
+
+def test_a_large_vocabulary_labels_like_a_small_one():
+    from vilseg.inference import segmenter as module
+
+    small = Segmenter(ColourModel(), QUERIES, ReadOut("clusters", "pool", 0.4, input_size=32))
+    large = Segmenter(ColourModel(), QUERIES, ReadOut("clusters", "pool", 0.4, input_size=32))
+    module.ALL_CLASS_MAPS, saved = 1, module.ALL_CLASS_MAPS  # force the path for vocabularies of 100k names
+    try:
+        np.testing.assert_array_equal(large.segment(_scene()).labels, small.segment(_scene()).labels)
+    finally:
+        module.ALL_CLASS_MAPS = saved
+
+
+def test_overlay_png_and_clear_errors(tmp_path):
+    from PIL import Image
+
+    seg = Segmenter(ColourModel(), {"warm": ["red thing", "green thing"], "cold": ["blue thing"]},
+                    ReadOut("clusters", "pool", 0.4, input_size=32))
+    res = seg.segment(_scene())
+    assert (res.labels[0:13, 0:13] == 1).all() and (res.labels[0:13, 35:48] == 2).all()  # aliases: max over names
+    im = Image.open(seg.render_overlay(_scene(), res, tmp_path / "overlay.png"))
+    assert im.size[0] >= 2 * 256 and im.mode == "RGB"
+    with pytest.raises(ValueError, match="empty"):
+        Segmenter(ColourModel(), [])
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not an image at all")
+    with pytest.raises(ValueError, match="broken.png"):
+        seg.segment(bad)
+    with pytest.raises(FileNotFoundError, match="nope.png"):
+        seg.segment(tmp_path / "nope.png")
+    with pytest.raises(ValueError, match="naming"):
+        Segmenter(ColourModel(), QUERIES, ReadOut(naming="crop"))
+
+
+def test_real_tiny_model_segments_any_size_and_saved_readout_is_used(tmp_path):
+    model = create_model("vilseg-tiny")
+    model.save_pretrained(tmp_path / "m")
+    ReadOut("clusters", "pool", threshold=-1.0).save(tmp_path / "m")
+    seg = Segmenter.from_pretrained(tmp_path / "m", vocabulary=["a", "b", "c"])
+    assert seg.readout.naming == "pool" and seg.readout.threshold == -1.0
+    res = seg.segment(np.zeros((50, 70, 3), np.uint8))
+    assert res.labels.shape == (50, 70) and set(np.unique(res.labels)) <= {1, 2, 3}
+    assert len(res.segments) >= 1 and seg.index.index.ntotal == 3
+
+
+# ------------------------------------------------------------------ VocabularyIndex
+def _index(n_classes, aliases=2, dim=32, kind="flat", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    vectors = F.normalize(torch.randn(n_classes * aliases, dim, generator=g), dim=-1)
+    owner = torch.arange(n_classes).repeat_interleave(aliases)
+    return VocabularyIndex(vectors, owner, [f"c{i}" for i in range(n_classes)], kind=kind), vectors, owner
+
+
+def test_vocabulary_search_returns_the_top_k_classes_with_the_best_alias():
+    index, vectors, owner = _index(50)
+    queries = F.normalize(torch.randn(7, 32), dim=-1)
+    scores, classes = index.search(queries, k=4)
+    brute = torch.full((7, 50), -2.0).scatter_reduce(1, owner.expand(7, -1), queries @ vectors.t(), "amax")
+    top = brute.topk(4, dim=1)
+    torch.testing.assert_close(scores, top.values)
+    assert torch.equal(classes, top.indices)
+    torch.testing.assert_close(index.scores(queries), brute)
+
+
+def test_approximate_index_recall_against_exact():
+    exact, vectors, _ = _index(3000, aliases=1, kind="flat")
+    approx = VocabularyIndex(vectors, torch.arange(3000), exact.classes, kind="hnsw")
+    queries = F.normalize(vectors[:200] + 0.3 * torch.randn(200, 32, generator=torch.Generator().manual_seed(1)), dim=-1)
+    _, e = exact.search(queries, 1)
+    _, a = approx.search(queries, 1)
+    assert (e == a).float().mean() >= 0.99
+
+
+def test_vocabulary_index_save_load_and_text_identity(tmp_path):
+    model = create_model("vilseg-tiny")
+    index = VocabularyIndex.build(model, {"tv": ["television", "monitor"], "cat": ["cat"]})
+    index.save(tmp_path / "v")
+    loaded = VocabularyIndex.load(tmp_path / "v", model)
+    assert loaded.classes == ["tv", "cat"] and loaded.aliases["tv"] == ["television", "monitor"]
+    q = F.normalize(torch.randn(3, model.config.embed_dim), dim=-1)
+    torch.testing.assert_close(loaded.scores(q), index.scores(q))
+    other = create_model("vilseg-tiny")  # another random text tower
+    with pytest.raises(ValueError, match="another text encoder"):
+        VocabularyIndex.load(tmp_path / "v", other)
+    with pytest.raises(ValueError, match="empty"):
+        VocabularyIndex.build(model, [])
+
+
+def _naive_components(grid):
+    h, w = grid.shape
+    out = -np.ones((h, w), int)
+    for y in range(h):
+        for x in range(w):
+            if out[y, x] >= 0:
+                continue
+            stack, members = [(y, x)], []
+            out[y, x] = 0
+            while stack:
+                cy, cx = stack.pop()
+                members.append((cy, cx))
+                for ny, nx in ((cy - 1, cx), (cy + 1, cx), (cy, cx - 1), (cy, cx + 1)):
+                    if 0 <= ny < h and 0 <= nx < w and out[ny, nx] < 0 and grid[ny, nx] == grid[cy, cx]:
+                        out[ny, nx] = 0
+                        stack.append((ny, nx))
+            smallest = min(my * w + mx for my, mx in members)
+            for my, mx in members:
+                out[my, mx] = smallest
+    return out
+
+
+def test_connected_components_matches_flood_fill():
+    rng = np.random.default_rng(0)
+    grids = rng.integers(0, 3, size=(4, 9, 11))
+    got = connected_components(torch.from_numpy(grids)).numpy()
+    for g, c in zip(grids, got):
+        assert np.array_equal(c, _naive_components(g))
+
+
+def test_iou_accumulator_matches_hand_computation():
+    acc = IoUAccumulator(3)
+    label = np.array([[0, 0, 1, 1], [2, 2, 255, 255]])
+    pred = np.array([[0, 1, 1, 1], [2, 0, 2, 0]])
+    acc.update(pred, label)
+    # class 0: I=1, pred=2, label=2 -> 1/3; class 1: I=2, pred=3, label=2 -> 2/3; class 2: I=1, pred=1, label=2 -> 1/2
+    np.testing.assert_allclose(acc.iou(), [1 / 3, 2 / 3, 1 / 2])
+    assert abs(acc.miou() - np.mean([1 / 3, 2 / 3, 1 / 2])) < 1e-12

@@ -1,0 +1,360 @@
+"""The `vilseg` command: segment, index, eval, probe, train, web. `vilseg SUBCOMMAND --help` shows an example.
+
+Bad input gets one line naming the culprit and a non-zero exit (2: nothing was done; 1: some images failed, the
+others were processed), never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+
+SEGMENT_EXAMPLE = """example:
+  vilseg segment photos/ street.jpg 'more/*.png' --model runs/demo/train/final --classes "cat,dog,tv" --out out/
+  vilseg segment photo.jpg --model runs/demo/train/final --vocab imagenet21k --out out/   # name every segment
+  cat photo.jpg | vilseg segment - --model runs/demo/train/final --vocab voc21 --background sky,wall --out out/
+writes out/<stem>.png (label map: 0 background, i+1 class i), out/<stem>.json (segments: label, score, area, box,
+top-k names) and out/<stem>_overlay.png (with a legend)."""
+
+
+class UserError(Exception):
+    """Bad input: reported as one line, exit code 2."""
+
+
+def fail(message: str, code: int = 2) -> None:
+    print(f"vilseg: error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+# ------------------------------------------------------------------ inputs
+def expand_inputs(inputs: list[str]) -> list[str]:
+    """Paths, globs and folders (searched recursively for images) -> image paths, in the order given; '-' stays.
+
+    Raises:
+        UserError: an input that matches nothing, naming it.
+    """
+    out: list[str] = []
+    for item in inputs:
+        if item == "-":
+            out.append("-")
+        elif os.path.isdir(item):
+            found = sorted(str(p) for p in Path(item).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise UserError(f"folder {item!r} holds no image ({', '.join(IMAGE_SUFFIXES)})")
+            out += found
+        elif os.path.exists(item):
+            out.append(item)
+        else:
+            matches = sorted(glob.glob(item, recursive=True))
+            if not matches:
+                raise UserError(f"input {item!r} does not exist and matches no file")
+            out += [m for m in matches if os.path.isfile(m)]
+    return out
+
+
+def output_stems(paths: list[str]) -> list[str]:
+    """A unique output name per input: its stem, with -2, -3, ... for later inputs of the same stem."""
+    seen: dict[str, int] = {}
+    stems = []
+    for path in paths:
+        stem = "stdin" if path == "-" else Path(path).stem
+        seen[stem] = seen.get(stem, 0) + 1
+        stems.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
+    return stems
+
+
+def load_model(directory: str):
+    """The model of a save_pretrained folder, or a UserError naming what is wrong with it."""
+    from .models import ViLSeg
+
+    path = Path(directory)
+    if not path.is_dir():
+        raise UserError(f"model folder {directory!r} does not exist")
+    try:
+        return ViLSeg.from_pretrained(path)
+    except FileNotFoundError as exn:
+        raise UserError(str(exn)) from None
+    except ValueError as exn:  # a corrupt or foreign weights file (the message names it)
+        raise UserError(f"cannot load the model in {directory!r}: {str(exn).splitlines()[0][:400]}") from None
+
+
+def _read_stdin_image():
+    from PIL import Image
+
+    data = sys.stdin.buffer.read()
+    try:
+        return Image.open(io.BytesIO(data))
+    except Exception as exn:
+        raise ValueError(f"standard input is not a readable image: {exn}") from exn
+
+
+# ------------------------------------------------------------------ vocabulary
+def vocabulary_from_args(args) -> dict[str, list[str]] | str:
+    """--classes "a,b" (aliases with '|': "tv|television") or --vocab NAME|FILE."""
+    if args.classes:
+        classes = {}
+        for item in args.classes.split(","):
+            names = [n.strip() for n in item.split("|") if n.strip()]
+            if names:
+                classes[names[0]] = names
+        if not classes:
+            raise UserError(f"--classes {args.classes!r} names no class")
+        return classes
+    from .inference.vocabularies import load_vocabulary
+
+    try:
+        vocab = load_vocabulary(args.vocab)
+    except KeyError as exn:
+        raise UserError(exn.args[0]) from None
+    except (ValueError, OSError) as exn:
+        raise UserError(f"--vocab {args.vocab!r} cannot be read: {exn}") from None
+    if not vocab:
+        raise UserError(f"--vocab {args.vocab!r} is empty")
+    return vocab
+
+
+def cached_index(model, vocabulary, name: str | None, templates):
+    """Builds a VocabularyIndex, or reads it from the cache (~/.cache/vilseg/vocab/), keyed by the text side's
+    identity, the names and the templates: a 20k-name vocabulary is embedded once, not on every call."""
+    from .inference import VocabularyIndex
+    from .inference.vocabulary import normalise_vocabulary, text_identity
+
+    names = normalise_vocabulary(vocabulary)
+    key = hashlib.sha256(json.dumps([text_identity(model), names, list(templates)], sort_keys=True).encode())
+    folder = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vilseg" / "vocab" / key.hexdigest()[:24]
+    if (folder / "vocabulary.json").is_file():
+        return VocabularyIndex.load(folder, model)
+    index = VocabularyIndex.build(model, names, templates)
+    if len(names) > 1000:  # worth keeping
+        index.save(folder)
+    return index
+
+
+# ------------------------------------------------------------------ segment
+def write_outputs(segmenter, image, result, out: Path, stem: str, source: str) -> None:
+    from PIL import Image
+
+    labels = result.labels
+    mode = np.uint8 if labels.max(initial=0) < 256 else np.uint16
+    Image.fromarray(labels.astype(mode)).save(out / f"{stem}.png")
+    classes = segmenter.index.classes
+    (out / f"{stem}.json").write_text(json.dumps({
+        "source": source, "size": [int(labels.shape[1]), int(labels.shape[0])],
+        "classes": ["background", *classes] if len(classes) <= 1000 else None,
+        "segments": result.segments}, indent=1))
+    segmenter.render_overlay(image, result, out / f"{stem}_overlay.png")
+
+
+def cmd_segment(args) -> int:
+    from tqdm.auto import tqdm
+
+    from .inference import ReadOut, Segmenter
+    from .inference.segmenter import load_image
+
+    if not args.classes and not args.vocab:
+        raise UserError("give the classes to look for (--classes \"cat,dog\") or a vocabulary (--vocab NAME|FILE)")
+    paths = expand_inputs(args.images)  # checked before the model loads
+    vocabulary = vocabulary_from_args(args)
+    model = load_model(args.model)
+    readout = ReadOut.load(args.model)
+    if args.threshold is not None:
+        readout.threshold = args.threshold
+    if args.background:
+        readout.background_words = [w.strip() for w in args.background.split(",") if w.strip()]
+    if args.vocab and not args.classes and args.threshold is None and not args.background:
+        readout.threshold = None  # vocabulary-free mode: every segment gets its best name
+    segmenter = Segmenter(model, readout=readout, top_k=args.top_k)
+    if args.index:
+        from .inference import VocabularyIndex
+
+        try:
+            segmenter.set_vocabulary(VocabularyIndex.load(args.index, model))
+        except (ValueError, FileNotFoundError) as exn:
+            raise UserError(str(exn)) from None
+    else:
+        names = vocabulary if isinstance(vocabulary, dict) else {n: [n] for n in vocabulary}
+        for word in readout.background_words:
+            names.setdefault(word, [word])
+        segmenter.set_vocabulary(cached_index(model, names, args.vocab, segmenter.templates))
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {args.out!r} is a file: give a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    failed = 0
+    for path, stem in tqdm(list(zip(paths, output_stems(paths))), desc="segment", unit="image",
+                           disable=len(paths) < 2):
+        try:
+            image = load_image(_read_stdin_image() if path == "-" else path)
+            result = segmenter.segment(image)
+            write_outputs(segmenter, image, result, out, stem, "stdin" if path == "-" else path)
+        except (ValueError, FileNotFoundError, OSError) as exn:
+            failed += 1
+            print(f"vilseg: skipped {path}: {exn}", file=sys.stderr)
+            continue
+        named = [s["label"] for s in result.segments if s["label"] != "background"]
+        tqdm.write(f"{path}: {len(result.segments)} segments" + (f" ({', '.join(sorted(set(named))[:8])})"
+                                                                   if named else ""))
+    print(f"wrote {len(paths) - failed} of {len(paths)} images to {out}")
+    return 1 if failed else 0
+
+
+# ------------------------------------------------------------------ index, eval, probe, train, web
+def cmd_index(args) -> int:
+    from .inference import VocabularyIndex
+
+    model = load_model(args.model)
+    if args.action == "build":
+        vocabulary = vocabulary_from_args(args)
+        index = VocabularyIndex.build(model, vocabulary, kind=args.kind)
+        index.save(args.out)
+        print(f"indexed {len(index)} classes ({len(index.vectors)} names, {index.kind}) in {args.out}")
+        return 0
+    try:
+        index = VocabularyIndex.load(args.index, model)
+    except (ValueError, FileNotFoundError) as exn:
+        raise UserError(str(exn)) from None
+    import torch.nn.functional as F
+
+    for text in args.text:
+        query = model.encode_texts([text]).detach().float()
+        if index.center is not None:
+            query = F.normalize(query - index.center, dim=-1)
+        scores, classes = index.search(query, args.k)
+        print(f"{text}: " + ", ".join(f"{index.classes[c]} ({s:.3f})" for s, c in zip(scores[0].tolist(),
+                                                                                     classes[0].tolist())))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from . import evaluate
+
+    if not Path(args.data, "meta.json").is_file():
+        raise UserError(f"--data {args.data!r} is not an evaluation split (images/, masks/, meta.json)")
+    load_model(args.model)  # fail early and clearly
+    evaluate.main(["--model", args.model, "--data", args.data, "--out", args.out])
+    return 0
+
+
+def cmd_probe(args) -> int:
+    from .recipes import probe_encoder
+
+    if not Path(args.split, "meta.json").is_file():
+        raise UserError(f"--split {args.split!r} is not a labelled split (images/, masks/, meta.json)")
+    report = probe_encoder(load_model(args.model), Path(args.split), Path(args.out) / "intra_inter.png")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "probes.json").write_text(json.dumps(report, indent=1))
+    print(json.dumps({"prompt_patch_miou": report["prompt_patch"]["centroid"]["best_miou"],
+                      "intra_inter_overlap": report["intra_inter"]["overlap"],
+                      "linear_probe": report["linear_probe"]}, indent=1))
+    return 0
+
+
+def cmd_train(args, rest: list[str]) -> int:
+    script = Path(__file__).resolve().parent / "train.py"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", *args.launch_args, str(script), *rest]
+    return subprocess.call(launch)
+
+
+def cmd_web(args) -> int:
+    try:
+        from .web import launch
+    except ImportError as exn:
+        raise UserError(f"the web demo needs the `web` extra: pip install 'vilseg[web]' ({exn})") from None
+    model = load_model(args.model)
+    launch(model, args.model, host=args.host, port=args.port)
+    return 0
+
+
+# ------------------------------------------------------------------ parser
+def build_parser() -> argparse.ArgumentParser:
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="vilseg", description=__doc__, formatter_class=formatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("segment", help="segment images with a free vocabulary", epilog=SEGMENT_EXAMPLE,
+                       formatter_class=formatter)
+    s.add_argument("images", nargs="+", help="image paths, globs, folders, or - (one image on standard input)")
+    s.add_argument("--model", required=True, help="a model folder (save_pretrained; its readout.json is used)")
+    s.add_argument("--classes", help='comma-separated classes; aliases with "|": "tv|television,cat"')
+    s.add_argument("--vocab", help="a packaged vocabulary (imagenet21k, voc21, ade20k, ...) or a file")
+    s.add_argument("--index", help="a prebuilt `vilseg index build` folder instead of embedding the vocabulary")
+    s.add_argument("--background", help="comma-separated background words (instead of a threshold)")
+    s.add_argument("--threshold", type=float, help="background threshold (default: the model's calibrated one)")
+    s.add_argument("--top-k", type=int, default=5, help="names listed per segment in the JSON")
+    s.add_argument("--out", required=True, help="output folder")
+
+    i = sub.add_parser("index", help="build or query a faiss vocabulary index", formatter_class=formatter,
+                       epilog="example:\n  vilseg index build --model runs/demo/train/final --vocab imagenet21k "
+                              "--out vocab21k/\n  vilseg index query --model runs/demo/train/final --index vocab21k/ "
+                              "--text 'a red circle' -k 5")
+    i.add_argument("action", choices=("build", "query"))
+    i.add_argument("--model", required=True)
+    i.add_argument("--vocab", help="build: a packaged vocabulary or a file")
+    i.add_argument("--classes", help="build: comma-separated classes")
+    i.add_argument("--kind", choices=("auto", "flat", "hnsw"), default="auto")
+    i.add_argument("--out", help="build: output folder")
+    i.add_argument("--index", help="query: an index folder")
+    i.add_argument("--text", nargs="+", default=[], help="query: texts to look up")
+    i.add_argument("-k", type=int, default=5)
+
+    e = sub.add_parser("eval", help="evaluate on a labelled split", formatter_class=formatter,
+                       epilog="example:\n  vilseg eval --model runs/demo/train/final --data data/demo/eval --out "
+                              "runs/demo/eval")
+    e.add_argument("--model", required=True)
+    e.add_argument("--data", required=True, help="a split folder: images/, masks/, meta.json")
+    e.add_argument("--out", required=True)
+
+    p = sub.add_parser("probe", help="MMC's probes of an encoder's patch features", formatter_class=formatter,
+                       epilog="example:\n  vilseg probe --model runs/demo/train/final --split data/demo/eval --out "
+                              "runs/probe")
+    p.add_argument("--model", required=True)
+    p.add_argument("--split", required=True)
+    p.add_argument("--out", required=True)
+
+    t = sub.add_parser("train", help="accelerate launch vilseg/train.py ...", formatter_class=formatter,
+                       epilog="example:\n  vilseg train --config configs/demo.yaml "
+                              "data.shards='data/demo/train-{000000..000014}.tar'\n"
+                              "  vilseg train --launch-args='--multi_gpu --num_processes 8' --config ...\n"
+                              "everything after the options goes to vilseg/train.py (see its --help)")
+    t.add_argument("--launch-args", default="", help="options for accelerate launch, quoted")
+
+    w = sub.add_parser("web", help="the web demo (Gradio; the `web` extra)", formatter_class=formatter,
+                       epilog="example:\n  vilseg web --model runs/demo/train/final --port 7860")
+    w.add_argument("--model", required=True)
+    w.add_argument("--host", default="127.0.0.1")
+    w.add_argument("--port", type=int, default=7860)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if argv and argv[0] == "train":  # everything after our own options is train.py's
+        args, rest = parser.parse_known_args(argv)
+        args.launch_args = args.launch_args.split()
+        return cmd_train(args, rest)
+    args = parser.parse_args(argv)
+    handlers = {"segment": cmd_segment, "index": cmd_index, "eval": cmd_eval, "probe": cmd_probe, "web": cmd_web}
+    try:
+        code = handlers[args.command](args)
+    except UserError as exn:
+        fail(str(exn))
+    except ValueError as exn:  # e.g. an empty vocabulary or class name
+        fail(str(exn))
+    if code:
+        raise SystemExit(code)
+    return code
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,265 @@
+"""Open-vocabulary segmentation with a trained model: grouping + naming + decision + tiling strategies.
+
+    seg = Segmenter.from_pretrained("runs/demo/train/final", vocabulary=["red circle", "blue square"])
+    result = seg.segment("image.png")     # labels [H, W] (0 = background), segments with label/score/area/box
+    seg.render_overlay("image.png", result, "overlay.png")
+
+The default read-out is the one a model was calibrated with (``readout.json`` beside its weights: written by the
+demo, which measures the read-outs on a calibration split and keeps the best with its background threshold), else
+ViL-Seg's clusters named by their re-encoded global embedding with a 0.3 cosine threshold.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+from .strategies import (GROUPINGS, NAMINGS, BackgroundWordsDecision, NoDecision, SlidingWindow, ThresholdDecision)
+from .vocabulary import DEFAULT_TEMPLATES, VocabularyIndex
+
+READOUT_FILE = "readout.json"
+ALL_CLASS_MAPS = 256  # up to this many classes, the label map's interpolation uses every class's scores
+
+
+@dataclass
+class ReadOut:
+    """A read-out's settings, as saved with a model (``readout.json``)."""
+
+    grouping: str = "clusters"
+    naming: str = "reencode_global"
+    threshold: float | None = 0.3  # None: no background decision
+    background_words: list[str] = field(default_factory=list)  # used instead of a threshold when given
+    input_size: int | None = None  # short side in pixels; None: the model's training size
+    calibration: dict = field(default_factory=dict)  # where and how the threshold was chosen
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / READOUT_FILE
+        path.write_text(json.dumps(asdict(self), indent=1))
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "ReadOut":
+        path = Path(directory) / READOUT_FILE
+        if not path.is_file():
+            return cls()
+        data = json.loads(path.read_text())
+        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"{path}: unknown key(s) {unknown}")
+        return cls(**data)
+
+
+@dataclass
+class SegmentationResult:
+    """Output of :meth:`Segmenter.segment` for one image of H x W pixels (as displayed: EXIF orientation applied).
+
+    Attributes:
+        labels: [H, W] int64; 0 is background, i + 1 is class i of the vocabulary.
+        segment_map: [H, W] int64 segment id of every pixel.
+        segments: one dict per segment: ``id``, ``label`` (a class name or "background"), ``score`` (cosine of its
+            best class), ``area`` (pixels), ``box`` (x0, y0, x1, y1 in pixels), ``top`` ([[name, score], ...], its
+            best classes).
+    """
+
+    labels: np.ndarray
+    segment_map: np.ndarray
+    segments: list[dict]
+
+
+def load_image(image) -> Image.Image:
+    """PIL image, path or HxWx3 uint8 array -> RGB PIL image with its EXIF orientation applied.
+
+    Raises:
+        FileNotFoundError: the path does not exist.
+        ValueError: the file is not a readable image (naming it), or the array is not HxWx3 uint8.
+    """
+    if isinstance(image, Image.Image):
+        return ImageOps.exif_transpose(image).convert("RGB")
+    if isinstance(image, np.ndarray):
+        if image.ndim == 2:
+            image = np.repeat(image[..., None], 3, axis=2)
+        if image.ndim != 3 or image.shape[2] not in (3, 4) or image.dtype != np.uint8:
+            raise ValueError(f"array images must be HxW, HxWx3 or HxWx4 uint8, got shape {image.shape} dtype "
+                             f"{image.dtype}")
+        return Image.fromarray(image).convert("RGB")
+    path = Path(image)
+    if not path.is_file():
+        raise FileNotFoundError(f"image {str(path)!r} does not exist")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return ImageOps.exif_transpose(im).convert("RGB")
+    except Exception as exn:
+        raise ValueError(f"image {str(path)!r} cannot be read as an image: {exn}") from exn
+
+
+class Segmenter:
+    """Stateful open-vocabulary segmenter: set a vocabulary once, then ``segment`` any number of images.
+
+    Args:
+        model: a trained :class:`~vilseg.ViLSeg` (moved to ``device``, put in eval mode).
+        vocabulary: class names, a mapping name -> aliases, a packaged vocabulary's name ("imagenet21k", "voc21",
+            ...), or a built :class:`VocabularyIndex`.
+        readout: a :class:`ReadOut` (default: the saved one of ``from_pretrained``, else ``ReadOut()``).
+        templates: prompt templates; a name's embedding is the normalised mean over them.
+        center: subtract the vocabulary's mean embedding (see :meth:`VocabularyIndex.build`).
+        top_k: classes listed per segment.
+        tiling: a :class:`SlidingWindow` for images larger than one forward pass should take.
+        device: torch device; default CUDA if available.
+    """
+
+    def __init__(self, model, vocabulary=None, readout: ReadOut | None = None, templates=DEFAULT_TEMPLATES,
+                 center: bool = True, top_k: int = 5, tiling: SlidingWindow | None = None, device=None):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = model.to(self.device).eval()
+        self.readout = readout or ReadOut()
+        if self.readout.grouping not in GROUPINGS:
+            raise ValueError(f"grouping must be one of {sorted(GROUPINGS)}, got {self.readout.grouping!r}")
+        if self.readout.naming not in NAMINGS:
+            raise ValueError(f"naming must be one of {sorted(NAMINGS)}, got {self.readout.naming!r}")
+        self.grouping = GROUPINGS[self.readout.grouping]()
+        self.naming = NAMINGS[self.readout.naming]()
+        self.templates, self.center, self.top_k = tuple(templates), center, top_k
+        self.tiling = tiling or SlidingWindow()
+        self.input_size = self.readout.input_size or model.config.image.img_size
+        self.patch = model.image_encoder.patch_size
+        self.index: VocabularyIndex | None = None
+        if vocabulary is not None:
+            self.set_vocabulary(vocabulary)
+
+    @classmethod
+    def from_pretrained(cls, directory, **kwargs) -> "Segmenter":
+        """A model written by ``save_pretrained`` with the read-out saved beside it (``readout.json``), if any."""
+        from ..models import ViLSeg
+
+        kwargs.setdefault("readout", ReadOut.load(directory))
+        return cls(ViLSeg.from_pretrained(directory), **kwargs)
+
+    # ------------------------------------------------------------------ vocabulary
+    @property
+    def decision(self):
+        r = self.readout
+        if r.background_words:
+            return BackgroundWordsDecision(tuple(r.background_words))
+        return NoDecision() if r.threshold is None else ThresholdDecision(r.threshold)
+
+    @property
+    def classes(self) -> list[str]:
+        """The vocabulary's class names (background words excluded)."""
+        words = set(self.readout.background_words)
+        return [c for c in self.index.classes if c not in words] if self.index else []
+
+    def set_vocabulary(self, vocabulary) -> None:
+        """Embeds (or takes) the vocabulary; background words of the read-out are added as extra classes."""
+        if isinstance(vocabulary, VocabularyIndex):
+            self.index = vocabulary
+            return
+        from .vocabulary import normalise_vocabulary
+
+        names = normalise_vocabulary(vocabulary)
+        for word in self.readout.background_words:
+            names.setdefault(word, [word])
+        self.index = VocabularyIndex.build(self.model, names, self.templates, center=self.center)
+
+    # ------------------------------------------------------------------ the read-out
+    def preprocess(self, image) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Image -> ([1, 3, h, w] normalised tensor, short side resized to ``input_size`` and both sides rounded to
+        the patch size; the displayed (H, W))."""
+        image = load_image(image)
+        width, height = image.size
+        scale = self.input_size / min(width, height)
+        new_w = max(self.patch, round(width * scale / self.patch) * self.patch)
+        new_h = max(self.patch, round(height * scale / self.patch) * self.patch)
+        x = torch.from_numpy(np.asarray(image.resize((new_w, new_h), Image.BILINEAR), dtype=np.float32) / 255.0)
+        return self.model.image_encoder.normalize(x.permute(2, 0, 1)[None].to(self.device)), (height, width)
+
+    @torch.no_grad()
+    def group_and_name(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[1, 3, h*p, w*p] -> ([h, w] segment ids 0..S-1, [S, E] normalised segment embeddings)."""
+        dense = self.tiling(self.model, x)
+        ids = self.grouping(dense)
+        return ids, self.naming(self.model, x, dense, ids)
+
+    @torch.no_grad()
+    def score_maps(self, image) -> tuple[torch.Tensor, np.ndarray | None]:
+        """[C, H, W] class scores of every pixel (each segment's scores, bilinearly upsampled), for evaluation and
+        threshold calibration with small vocabularies. Returns (scores on the CPU, None)."""
+        if self.index is None:
+            raise RuntimeError("set a vocabulary first (vocabulary=... or set_vocabulary)")
+        x, size = self.preprocess(image)
+        ids, emb = self.group_and_name(x)
+        scores = self.index.scores(emb)[ids].permute(2, 0, 1)[None]  # [1, C, h, w]
+        return F.interpolate(scores.float(), size=size, mode="bilinear", align_corners=False)[0].cpu(), None
+
+    @torch.no_grad()
+    def segment(self, image) -> SegmentationResult:
+        """Segments one image (path, PIL image or uint8 array) with the current vocabulary."""
+        if self.index is None:
+            raise RuntimeError("set a vocabulary first (vocabulary=... or set_vocabulary)")
+        x, (height, width) = self.preprocess(image)
+        ids, emb = self.group_and_name(x)
+        top_s, top_c = self.index.search(emb, self.top_k)  # [S, k]
+        background = self.decision.background(top_s[:, 0], top_c[:, 0], self.index.classes)
+        labels = self._label_map(ids, emb, top_c, background, (height, width))
+        seg_map = F.interpolate(ids[None, None].float(), size=(height, width), mode="nearest")[0, 0].long()
+        return SegmentationResult(labels.cpu().numpy(), seg_map.cpu().numpy(),
+                                  self._describe(seg_map, top_s, top_c, background))
+
+    def _label_map(self, ids, emb, top_c, background, size) -> torch.Tensor:
+        """[H, W] labels: the classes' scores at patch resolution, bilinearly upsampled, then the arg-max over them
+        and a constant background channel (the threshold, as TCL; none without a threshold); background words are
+        background. Only the classes some segment ranks first are upsampled when the vocabulary is large (all of
+        them up to ``ALL_CLASS_MAPS``), so memory stays O(segments x H x W) for any vocabulary size."""
+        n_classes = len(self.index.classes)
+        if n_classes <= ALL_CLASS_MAPS:
+            keep, scores = torch.arange(n_classes), self.index.scores(emb)
+        else:
+            keep = torch.unique(top_c[:, 0].cpu())
+            scores = self._scores_of(emb, keep)
+        decision = self.decision
+        # no threshold: a floor below every cosine (finite: bilinear weights of 0 times -inf would be NaN)
+        floor = decision.threshold if isinstance(decision, ThresholdDecision) else -10.0
+        maps = torch.cat([torch.full_like(scores[:, :1], floor), scores], 1)  # [S, 1 + K]
+        pixels = maps[ids].permute(2, 0, 1)[None].float()  # [1, 1 + K, h, w]
+        best = F.interpolate(pixels, size=size, mode="bilinear", align_corners=False)[0].argmax(0)  # [H, W]
+        lookup = torch.cat([torch.zeros(1, dtype=torch.long), keep.long() + 1]).to(best.device)
+        words = set(self.readout.background_words)
+        for i, c in enumerate(self.index.classes):
+            if c in words:
+                lookup[lookup == i + 1] = 0
+        return lookup[best]
+
+    def _scores_of(self, emb: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """[S, E] -> [S, K] scores of the classes ``keep`` only (the best of each class's names)."""
+        vectors = torch.from_numpy(self.index.vectors).to(emb.device)
+        owner = self.index.owner.to(emb.device)
+        sims = emb.float() @ vectors.t()  # [S, T] — vectors of every name, but only S rows
+        out = torch.full((emb.shape[0], len(keep)), -2.0, device=emb.device)
+        for i, c in enumerate(keep.tolist()):
+            out[:, i] = sims[:, owner == c].max(1).values
+        return out
+
+    def _describe(self, seg_map, top_s, top_c, background) -> list[dict]:
+        segments = []
+        classes = self.index.classes
+        for sid in torch.unique(seg_map).tolist():
+            ys, xs = torch.nonzero(seg_map == sid, as_tuple=True)
+            best = int(top_c[sid, 0])
+            segments.append({
+                "id": sid, "label": "background" if bool(background[sid]) else classes[best],
+                "score": float(top_s[sid, 0]), "area": int(len(ys)),
+                "box": [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1],
+                "top": [[classes[int(c)], round(float(s), 4)] for s, c in zip(top_s[sid], top_c[sid])]})
+        return segments
+
+    def render_overlay(self, image, result: SegmentationResult, path, min_side: int = 256) -> Path:
+        """Writes a PNG: image | coloured label overlay, with a legend of the labels present."""
+        from ..overlay import render_overlay
+
+        names = ["background", *self.index.classes]
+        return render_overlay(load_image(image), result.labels, names, path, min_side)

@@ -1,0 +1,241 @@
+"""The read-out's strategies, each small and tested on its own, composed by :class:`~vilseg.inference.Segmenter`.
+
+- **grouping**: which patches form one segment (:class:`ClusterGrouping`: the clustering head's arg-max split into
+  connected segments, as ViL-Seg; :class:`DenseGrouping`: every patch alone).
+- **naming**: the embedding a segment is named by (:class:`PooledNaming`: the mean of its patch embeddings, the
+  paper's; :class:`ReencodeGlobalNaming`: the global embedding of the image re-encoded with everything outside the
+  segment blanked).
+- **decision**: when a segment is background (:class:`ThresholdDecision`, :class:`BackgroundWordsDecision`,
+  :class:`NoDecision`).
+- **tiling**: how an image too large for one forward is covered (:class:`SlidingWindow`).
+
+Shapes: ``dense`` is :meth:`vilseg.ViLSeg.dense_embeddings`'s output for one image (``patch_embed`` [1, E, h, w],
+``cluster_probs`` [1, C, h, w], ``image_embed`` [1, E]); segment ids are an [h, w] int64 map with values 0..S-1.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def connected_components(labels: torch.Tensor) -> torch.Tensor:
+    """4-connected components of equal labels on a batch of grids.
+
+    Iterative min-label propagation in torch: batched, device-agnostic, and patch grids converge in a few
+    iterations, so scipy/OpenCV are not needed as dependencies for this.
+
+    Args:
+        labels: [B, h, w] integer labels.
+
+    Returns:
+        [B, h, w] int64 component ids: the smallest raster index inside each component.
+    """
+    b, h, w = labels.shape
+    big = h * w
+    comp = torch.arange(h * w, device=labels.device).view(1, h, w).expand(b, h, w).clone()
+    lab = F.pad(labels, (1, 1, 1, 1), value=-1)
+    shifts = ((0, 1), (2, 1), (1, 0), (1, 2))  # offsets of up, down, left, right neighbours in the padded grid
+    same = [lab[:, dy:dy + h, dx:dx + w] == labels for dy, dx in shifts]
+    for _ in range(h * w):
+        padded = F.pad(comp, (1, 1, 1, 1), value=big)
+        new = comp
+        for (dy, dx), s in zip(shifts, same):
+            new = torch.minimum(new, torch.where(s, padded[:, dy:dy + h, dx:dx + w], big))
+        if torch.equal(new, comp):
+            break
+        comp = new
+    return comp
+
+
+def relabel(ids: torch.Tensor) -> torch.Tensor:
+    """Any integer map -> ids 0..S-1 in order of first appearance in raster order."""
+    _, inverse = torch.unique(ids.flatten(), return_inverse=True)
+    first = torch.full((int(inverse.max()) + 1,), ids.numel(), dtype=torch.long, device=ids.device)
+    first.scatter_reduce_(0, inverse, torch.arange(ids.numel(), device=ids.device), reduce="amin")
+    order = torch.empty_like(first)
+    order[first.argsort()] = torch.arange(len(first), device=ids.device)
+    return order[inverse].view_as(ids)
+
+
+# ------------------------------------------------------------------ grouping
+class ClusterGrouping:
+    """ViL-Seg's groups: each patch's arg-max cluster, split into 4-connected segments (so the number of segments
+    per image is not capped, and two objects of one cluster stay two segments)."""
+
+    name = "clusters"
+
+    def __call__(self, dense: dict) -> torch.Tensor:
+        clusters = dense["cluster_probs"].argmax(1)  # [1, h, w]
+        return relabel(connected_components(clusters)[0])
+
+
+class DenseGrouping:
+    """Every patch is its own segment (the read-out of a model without a clustering head)."""
+
+    name = "dense"
+
+    def __call__(self, dense: dict) -> torch.Tensor:
+        _, _, h, w = dense["patch_embed"].shape
+        return torch.arange(h * w, device=dense["patch_embed"].device).view(h, w)
+
+
+GROUPINGS = {"clusters": ClusterGrouping, "dense": DenseGrouping}
+
+
+# ------------------------------------------------------------------ naming
+class PooledNaming:
+    """A segment's embedding is the mean of its L2-normalised patch embeddings (masked average pooling, the
+    ViL-Seg paper), re-normalised."""
+
+    name = "pool"
+
+    def __call__(self, model, image: torch.Tensor, dense: dict, ids: torch.Tensor) -> torch.Tensor:
+        emb = dense["patch_embed"][0].flatten(1).t()  # [N, E]
+        pooled = torch.zeros(int(ids.max()) + 1, emb.shape[1], device=emb.device, dtype=emb.dtype)
+        pooled.index_add_(0, ids.flatten(), emb)
+        return F.normalize(pooled, dim=-1)
+
+
+class ReencodeGlobalNaming:
+    """A segment's embedding is the *global* embedding of the image encoded again with every pixel outside the
+    segment set to the normalisation mean. With an average-pooled encoder this is the embedding the captions
+    trained, and the blanked patches around the segment attend to it and carry its outline, so it names shape where
+    the segment's own patch embeddings do not (docs/results.md). One extra forward pass per segment, in batches of
+    ``batch`` segments; at most ``max_segments`` (the largest) are re-encoded, the rest are pooled.
+
+    Args:
+        batch: segments re-encoded per forward pass.
+        max_segments: cap on re-encoded segments per image (None: all).
+    """
+
+    name = "reencode_global"
+
+    def __init__(self, batch: int = 64, max_segments: int | None = 32, window: int | None = None):
+        self.batch, self.max_segments, self.window = batch, max_segments, window
+
+    def __call__(self, model, image: torch.Tensor, dense: dict, ids: torch.Tensor) -> torch.Tensor:
+        out = PooledNaming()(model, image, dense, ids)
+        n = out.shape[0]
+        sizes = torch.bincount(ids.flatten(), minlength=n)
+        chosen = sizes.argsort(descending=True)[: self.max_segments or n]
+        patch = image.shape[-1] // ids.shape[-1]
+        window = (self.window or model.config.image.img_size) // patch  # in patches
+        h, w = ids.shape
+        for chunk in chosen.split(self.batch):
+            masks = (ids[None] == chunk[:, None, None]).to(image.dtype)  # [S, h, w]
+            if h <= 2 * window and w <= 2 * window:  # the whole image, blanked outside the segment
+                pixels = masks.repeat_interleave(patch, 1).repeat_interleave(patch, 2)[:, None]  # [S, 1, H, W]
+                views = image * pixels
+            else:  # a large image: a window around each segment's centre (segments larger than it are cut)
+                views = torch.stack([self._window(image, m, window, patch) for m in masks])
+            out[chunk] = model.dense_embeddings(views)["image_embed"].to(out.dtype)
+        return out
+
+    @staticmethod
+    def _window(image: torch.Tensor, mask: torch.Tensor, window: int, patch: int) -> torch.Tensor:
+        """[1, 3, H, W], [h, w] -> [3, window*p, window*p]: the window centred on the mask, blanked outside it."""
+        h, w = mask.shape
+        ys, xs = torch.nonzero(mask, as_tuple=True)
+        size_y, size_x = min(window, h), min(window, w)
+        y0 = int(min(max(ys.float().mean().round().item() - size_y // 2, 0), h - size_y))
+        x0 = int(min(max(xs.float().mean().round().item() - size_x // 2, 0), w - size_x))
+        crop = mask[y0:y0 + size_y, x0:x0 + size_x]
+        pixels = crop.repeat_interleave(patch, 0).repeat_interleave(patch, 1)
+        return image[0, :, y0 * patch:(y0 + size_y) * patch, x0 * patch:(x0 + size_x) * patch] * pixels
+
+
+NAMINGS = {"pool": PooledNaming, "reencode_global": ReencodeGlobalNaming}
+
+
+# ------------------------------------------------------------------ decision
+@dataclass
+class ThresholdDecision:
+    """Background where the best class scores below ``threshold`` (cosine); calibrated on held-out data."""
+
+    threshold: float = 0.3
+    name = "threshold"
+
+    def background(self, best_scores: torch.Tensor, best_classes: torch.Tensor, classes: list[str]) -> torch.Tensor:
+        return best_scores < self.threshold
+
+
+@dataclass
+class BackgroundWordsDecision:
+    """Background where the best class is one of ``words`` (added to the vocabulary by the Segmenter), e.g. "sky",
+    "wall", "floor": the open-vocabulary way of saying what is not an object."""
+
+    words: tuple[str, ...] = ("background",)
+    name = "background_words"
+
+    def background(self, best_scores: torch.Tensor, best_classes: torch.Tensor, classes: list[str]) -> torch.Tensor:
+        words = set(self.words)
+        return torch.tensor([classes[c] in words for c in best_classes.tolist()], dtype=torch.bool,
+                            device=best_scores.device)
+
+
+@dataclass
+class NoDecision:
+    """Every segment takes its best class: no background."""
+
+    name = "none"
+
+    def background(self, best_scores: torch.Tensor, best_classes: torch.Tensor, classes: list[str]) -> torch.Tensor:
+        return torch.zeros_like(best_scores, dtype=torch.bool)
+
+
+# ------------------------------------------------------------------ tiling
+@dataclass
+class SlidingWindow:
+    """Covers an image whose patch grid exceeds ``max_tokens`` with windows of ``window`` pixels (a multiple of the
+    patch size) at ``stride``; the windows' patch embeddings and cluster probabilities are averaged where they
+    overlap, so grouping and naming see one grid for the whole image.
+
+    Args:
+        window: window side in pixels (None: the model's training size).
+        stride: step between windows (None: half a window).
+        max_tokens: images with more patches than this are tiled; smaller ones take one forward pass.
+    """
+
+    window: int | None = None
+    stride: int | None = None
+    max_tokens: int = 4096
+
+    def windows(self, height: int, width: int, window: int, stride: int) -> list[tuple[int, int, int, int]]:
+        """(y0, y1, x0, x1) of every window; the last row and column are clamped to the border."""
+        def starts(size: int) -> list[int]:
+            if size <= window:
+                return [0]
+            n = math.ceil((size - window) / stride) + 1
+            return sorted({min(i * stride, size - window) for i in range(n)})
+
+        return [(y, min(y + window, height), x, min(x + window, width)) for y in starts(height) for x in starts(width)]
+
+    @torch.no_grad()
+    def __call__(self, model, image: torch.Tensor) -> dict:
+        """[1, 3, H, W] normalised image -> the dense embeddings of the whole image (see the module docstring)."""
+        patch = model.image_encoder.patch_size
+        _, _, height, width = image.shape
+        if (height // patch) * (width // patch) <= self.max_tokens:
+            return model.dense_embeddings(image)
+        window = self.window or model.config.image.img_size
+        window = max(patch, window // patch * patch)
+        stride = max(patch, (self.stride or window // 2) // patch * patch)
+        h, w = height // patch, width // patch
+        emb = probs = None
+        count = torch.zeros(1, 1, h, w, device=image.device)
+        for y0, y1, x0, x1 in self.windows(height, width, window, stride):
+            dense = model.dense_embeddings(image[..., y0:y1, x0:x1])
+            if emb is None:
+                emb = image.new_zeros(1, dense["patch_embed"].shape[1], h, w)
+                probs = image.new_zeros(1, dense["cluster_probs"].shape[1], h, w)
+            region = (..., slice(y0 // patch, y1 // patch), slice(x0 // patch, x1 // patch))
+            emb[region] += dense["patch_embed"]
+            probs[region] += dense["cluster_probs"]
+            count[region] += 1
+        whole = model.dense_embeddings(F.interpolate(image, size=(window, window), mode="bilinear",
+                                                     align_corners=False))  # a global view for the image embedding
+        return {"patch_embed": F.normalize(emb / count, dim=1), "cluster_probs": probs / count,
+                "image_embed": whole["image_embed"]}

@@ -1,0 +1,214 @@
+"""VocabularyIndex: a vocabulary of class names (with aliases) embedded by a model's text tower and indexed by faiss.
+
+    index = VocabularyIndex.build(model, ["cat", "dog"] or {"tv": ["television", "monitor"]} or "imagenet21k")
+    scores, classes = index.search(embeddings, k=5)     # top-k classes per query: never the whole vocabulary
+    index.save("vocab/"); VocabularyIndex.load("vocab/", model)   # refuses a model with another text side
+
+Each name is embedded with prompt templates, averaged and L2-normalised (CLIP's prompt ensembling); optionally the
+vocabulary's mean is subtracted first (see ``center``). A class scores the best of its names. The index is exact
+inner product by default and HNSW above ``APPROXIMATE_FROM`` names (measured in benchmarks/segment.py: HNSW keeps
+recall@1 >= 0.99 there at a fraction of the exact search's cost); on a machine with faiss-gpu and CUDA the exact
+index lives on the GPU (faiss-gpu returns at most 2048 neighbours, so k is capped there).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+DEFAULT_TEMPLATES = ("a photo of a {}.", "a {}.", "an image of a {}.", "a picture with a {}.")
+APPROXIMATE_FROM = 50_000  # names; below it the exact search is fast enough (benchmarks/results/segment_cpu.json)
+GPU_MAX_K = 2048  # faiss-gpu's limit on k
+INDEX_FILE, META_FILE, VECTORS_FILE = "index.faiss", "vocabulary.json", "vectors.npy"
+
+
+def text_identity(model) -> str:
+    """A fingerprint of everything that maps a name to its embedding: the text tower's weights, the text projection
+    and the tokenizer settings. An index built with one text side refuses to load with another."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if name.startswith(("text_encoder.", "text_proj.")):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    text_cfg = getattr(getattr(model, "config", None), "text", None)
+    digest.update(repr(text_cfg).encode())
+    return digest.hexdigest()[:32]
+
+
+def normalise_vocabulary(vocabulary) -> dict[str, list[str]]:
+    """list of names, or mapping name -> aliases, or a packaged vocabulary's name -> {name: [aliases]}.
+
+    Raises:
+        ValueError: an empty vocabulary, or an empty name (naming it).
+    """
+    if isinstance(vocabulary, str):
+        from .vocabularies import load_vocabulary
+
+        vocabulary = load_vocabulary(vocabulary)
+    if isinstance(vocabulary, dict):
+        out = {str(k): [str(a) for a in (v if isinstance(v, (list, tuple)) else [v])] for k, v in vocabulary.items()}
+    else:
+        out = {str(n): [str(n)] for n in vocabulary}
+    if not out:
+        raise ValueError("the vocabulary is empty: give at least one class name")
+    for name, aliases in out.items():
+        if not name.strip() or not aliases or not all(a.strip() for a in aliases):
+            raise ValueError(f"the vocabulary has an empty class name or alias: {name!r} -> {aliases!r}")
+    return out
+
+
+@torch.no_grad()
+def embed_names(model, names: list[str], templates=DEFAULT_TEMPLATES, batch_size: int = 512) -> torch.Tensor:
+    """[N, E]: every name embedded with every template in batches, averaged over templates, L2-normalised."""
+    device = model.logit_scale.device
+    prompts = [t.format(n) for n in names for t in templates]
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        out.append(model.encode_texts(prompts[i:i + batch_size]).float().to(device))
+    emb = torch.cat(out).view(len(names), len(templates), -1).mean(1)
+    return F.normalize(emb, dim=-1).cpu()
+
+
+class VocabularyIndex:
+    """Template-averaged text embeddings of a vocabulary in a faiss inner-product index.
+
+    Args:
+        vectors: [T, E] L2-normalised embeddings, one per name (aliases included).
+        owner: [T] class index of every vector.
+        classes: class names, index = class id.
+        identity: :func:`text_identity` of the model that embedded them.
+        kind: "flat" (exact), "hnsw" (approximate) or "auto" (HNSW from ``APPROXIMATE_FROM`` vectors).
+        center: the vocabulary mean that was subtracted (stored so queries can be compared; None if not centred).
+    """
+
+    def __init__(self, vectors: torch.Tensor, owner: torch.Tensor, classes: list[str], identity: str = "",
+                 kind: str = "auto", center: torch.Tensor | None = None, aliases: dict | None = None):
+        import faiss
+
+        if kind not in ("auto", "flat", "hnsw"):
+            raise ValueError(f"index kind must be 'auto', 'flat' or 'hnsw', got {kind!r}")
+        self.vectors = np.ascontiguousarray(vectors.detach().float().cpu().numpy())
+        self.owner = owner.detach().cpu().long()
+        self.classes, self.identity = list(classes), identity
+        self.aliases = aliases or {c: [c] for c in self.classes}
+        self.center = center
+        self.kind = ("hnsw" if len(self.vectors) >= APPROXIMATE_FROM else "flat") if kind == "auto" else kind
+        self.max_aliases = int(torch.bincount(self.owner).max()) if len(self.owner) else 1
+        dim = self.vectors.shape[1]
+        if self.kind == "hnsw":
+            index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efConstruction = 80
+            index.hnsw.efSearch = 128
+        else:
+            index = faiss.IndexFlatIP(dim)
+        self.on_gpu = False
+        if self.kind == "flat" and hasattr(faiss, "StandardGpuResources") and torch.cuda.is_available():
+            self._res = faiss.StandardGpuResources()
+            index = faiss.index_cpu_to_gpu(self._res, torch.cuda.current_device(), index)
+            self.on_gpu = True
+        index.add(self.vectors)
+        self.index = index
+
+    def __len__(self) -> int:
+        return len(self.classes)
+
+    @classmethod
+    def build(cls, model, vocabulary, templates=DEFAULT_TEMPLATES, center: bool = True, kind: str = "auto",
+              batch_size: int = 512) -> "VocabularyIndex":
+        """Embeds a vocabulary with ``model``'s text side.
+
+        Args:
+            model: a :class:`~vilseg.ViLSeg`.
+            vocabulary: names, or mapping name -> aliases, or a packaged vocabulary's name (``vilseg.inference.
+                vocabularies.list_vocabularies()``).
+            templates: prompt templates, each with one ``{}``.
+            center: subtract the mean of the names' embeddings before normalising (needs >= 2 names): captions
+                share a large common component (template, wording), and regions no caption describes drift towards
+                it; centring removes it so that they score near 0 for every name.
+            kind: index kind (see the class).
+        """
+        aliases = normalise_vocabulary(vocabulary)
+        names = [a for group in aliases.values() for a in group]
+        owner = torch.tensor([i for i, group in enumerate(aliases.values()) for _ in group])
+        vectors = embed_names(model, names, templates, batch_size)
+        mean = None
+        if center and len(names) > 1:
+            mean = vectors.mean(0)
+            vectors = F.normalize(vectors - mean, dim=-1)
+        return cls(vectors, owner, list(aliases), text_identity(model), kind, mean, aliases)
+
+    def search(self, queries: torch.Tensor, k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-``k`` classes for each query (a class scores the best of its names).
+
+        Args:
+            queries: [n, E] L2-normalised embeddings (patches, segments).
+            k: classes per query (at most the vocabulary's size).
+
+        Returns:
+            ([n, k] cosine scores, descending; [n, k] class ids), on the queries' device.
+        """
+        k = max(1, min(int(k), len(self.classes)))
+        x = np.ascontiguousarray(queries.detach().float().cpu().numpy())
+        if len(x) == 0:
+            empty = torch.empty(0, k)
+            return empty.to(queries.device), empty.long().to(queries.device)
+        wanted = min(len(self.vectors), k * self.max_aliases)  # enough vectors to cover k classes
+        if self.on_gpu:
+            wanted = min(wanted, GPU_MAX_K)
+        sims, ids = self.index.search(x, wanted)
+        sims, ids = torch.from_numpy(sims), torch.from_numpy(ids)
+        valid = ids >= 0
+        owners = torch.where(valid, self.owner[ids.clamp_min(0)], -1)
+        out_s = torch.full((len(x), k), -2.0)
+        out_c = torch.zeros((len(x), k), dtype=torch.long)
+        for row in range(len(x)):  # first occurrence of each class = its best name (results are sorted)
+            seen: dict[int, float] = {}
+            for s, c in zip(sims[row].tolist(), owners[row].tolist()):
+                if c >= 0 and c not in seen:
+                    seen[c] = s
+                    if len(seen) == k:
+                        break
+            for j, (c, s) in enumerate(seen.items()):
+                out_s[row, j], out_c[row, j] = s, c
+        return out_s.to(queries.device), out_c.to(queries.device)
+
+    def scores(self, queries: torch.Tensor) -> torch.Tensor:
+        """[n, E] -> [n, C] scores of every class (the best of its names), exactly, by one matrix product. For the
+        small vocabularies of benchmarks and evaluation, where every class's score is wanted; large vocabularies
+        use :meth:`search`."""
+        sims = queries.detach().float().cpu() @ torch.from_numpy(self.vectors).t()  # [n, T]
+        out = torch.full((len(queries), len(self.classes)), -2.0)
+        out.scatter_reduce_(1, self.owner.expand(len(queries), -1), sims, reduce="amax")
+        return out.to(queries.device)
+
+    def save(self, directory: str | Path) -> Path:
+        """Writes the vectors (.npy, no pickle), the class list with aliases, and the text identity."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        np.save(directory / VECTORS_FILE, self.vectors, allow_pickle=False)
+        meta = {"classes": self.classes, "aliases": self.aliases, "owner": self.owner.tolist(),
+                "identity": self.identity, "kind": self.kind,
+                "center": None if self.center is None else self.center.tolist()}
+        (directory / META_FILE).write_text(json.dumps(meta))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, model=None) -> "VocabularyIndex":
+        """Reads an index written by :meth:`save`; with ``model``, refuses it if another text side built it."""
+        directory = Path(directory)
+        for name in (META_FILE, VECTORS_FILE):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"{directory / name} not found: not a vilseg vocabulary index")
+        meta = json.loads((directory / META_FILE).read_text())
+        if model is not None and meta["identity"] != text_identity(model):
+            raise ValueError(f"the vocabulary index {directory} was built with another text encoder (identity "
+                             f"{meta['identity']}, this model's is {text_identity(model)}): rebuild it with "
+                             f"`vilseg index build`")
+        vectors = torch.from_numpy(np.load(directory / VECTORS_FILE, allow_pickle=False))
+        center = None if meta["center"] is None else torch.tensor(meta["center"])
+        return cls(vectors, torch.tensor(meta["owner"]), meta["classes"], meta["identity"], meta["kind"], center,
+                   meta["aliases"])
