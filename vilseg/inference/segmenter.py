@@ -245,16 +245,24 @@ class Segmenter:
         return out
 
     def _describe(self, seg_map, top_s, top_c, background) -> list[dict]:
-        segments = []
+        """One dict per segment present in ``seg_map``: label, score, area (pixels), box (x0, y0, x1, y1), top-k."""
         classes = self.index.classes
-        for sid in torch.unique(seg_map).tolist():
-            ys, xs = torch.nonzero(seg_map == sid, as_tuple=True)
-            best = int(top_c[sid, 0])
+        n = top_s.shape[0]
+        flat = seg_map.flatten()
+        area = torch.bincount(flat, minlength=n)
+        ys = torch.arange(seg_map.shape[0], device=seg_map.device)[:, None].expand_as(seg_map).flatten()
+        xs = torch.arange(seg_map.shape[1], device=seg_map.device)[None].expand_as(seg_map).flatten()
+        lo = [torch.full((n,), big, device=flat.device).scatter_reduce(0, flat, v, "amin")
+              for v, big in ((xs, seg_map.shape[1]), (ys, seg_map.shape[0]))]
+        hi = [torch.full((n,), -1, device=flat.device).scatter_reduce(0, flat, v, "amax") for v in (xs, ys)]
+        top_s, top_c, background = top_s.tolist(), top_c.tolist(), background.tolist()
+        segments = []
+        for sid in torch.nonzero(area).flatten().tolist():
             segments.append({
-                "id": sid, "label": "background" if bool(background[sid]) else classes[best],
-                "score": float(top_s[sid, 0]), "area": int(len(ys)),
-                "box": [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1],
-                "top": [[classes[int(c)], round(float(s), 4)] for s, c in zip(top_s[sid], top_c[sid])]})
+                "id": sid, "label": "background" if background[sid] else classes[top_c[sid][0]],
+                "score": float(top_s[sid][0]), "area": int(area[sid]),
+                "box": [int(lo[0][sid]), int(lo[1][sid]), int(hi[0][sid]) + 1, int(hi[1][sid]) + 1],
+                "top": [[classes[c], round(s, 4)] for s, c in zip(top_s[sid], top_c[sid])]})
         return segments
 
     def render_overlay(self, image, result: SegmentationResult, path, min_side: int = 256) -> Path:

@@ -163,17 +163,17 @@ class VocabularyIndex:
         sims, ids = torch.from_numpy(sims), torch.from_numpy(ids)
         valid = ids >= 0
         owners = torch.where(valid, self.owner[ids.clamp_min(0)], -1)
+        # a class scores its best name: keep each class's first (= best) hit per row, then the first k of those
+        earlier = torch.ones(owners.shape[1], owners.shape[1], dtype=torch.bool).tril(-1)  # [W, W]: j < i
+        repeated = ((owners[:, :, None] == owners[:, None, :]) & earlier).any(2)
+        first = valid & ~repeated
+        rank = first.long().cumsum(1) - 1
+        take = first & (rank < k)
         out_s = torch.full((len(x), k), -2.0)
         out_c = torch.zeros((len(x), k), dtype=torch.long)
-        for row in range(len(x)):  # first occurrence of each class = its best name (results are sorted)
-            seen: dict[int, float] = {}
-            for s, c in zip(sims[row].tolist(), owners[row].tolist()):
-                if c >= 0 and c not in seen:
-                    seen[c] = s
-                    if len(seen) == k:
-                        break
-            for j, (c, s) in enumerate(seen.items()):
-                out_s[row, j], out_c[row, j] = s, c
+        rows = torch.arange(len(x))[:, None].expand_as(take)
+        out_s[rows[take], rank[take]] = sims[take]
+        out_c[rows[take], rank[take]] = owners[take]
         return out_s.to(queries.device), out_c.to(queries.device)
 
     def scores(self, queries: torch.Tensor) -> torch.Tensor:
