@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vilseg import create_model
-from vilseg.evaluate import IoUAccumulator
+from vilseg.eval import IoUAccumulator
 from vilseg.inference import (BackgroundWordsDecision, ClusterGrouping, DenseGrouping, NoDecision, PooledNaming,
                               ReadOut, ReencodeGlobalNaming, Segmenter, SlidingWindow, ThresholdDecision,
                               VocabularyIndex, connected_components)

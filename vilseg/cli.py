@@ -27,6 +27,18 @@ writes out/<stem>.png (label map: 0 background, i+1 class i), out/<stem>.json (s
 top-k names) and out/<stem>_overlay.png (with a legend)."""
 
 
+EVAL_EXAMPLE = """example:
+  vilseg eval --model runs/demo/train/final --dataset voc21 --root data/VOCdevkit/VOC2012 --protocol A --out voc.json
+  vilseg eval --model runs/demo/train/final --dataset synthetic --root data/demo/eval --protocol B --out syn.json
+  vilseg eval --predictions other_method/ --dataset ade20k --root data/ade --out ade.json   # any method's PNGs
+  vilseg eval --open-clip ViT-B-16 --pretrained ViT-B-16.pt --dataset context60 --root data/VOC2010 --protocol B \\
+      --out clip.json                                            # the training-free MaskCLIP baseline
+  accelerate launch -m vilseg.cli eval ...                       # several GPUs: the images are split
+writes the report (miou, per_class, the resolved protocol) and prints a Markdown table."""
+DATASET_KEYS = ("voc21", "voc20", "context60", "context59", "coco_object", "coco_stuff", "cityscapes", "ade20k",
+                "synthetic")
+
+
 class UserError(Exception):
     """Bad input: reported as one line, exit code 2."""
 
@@ -236,20 +248,56 @@ def cmd_index(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from . import evaluate
+    from . import eval as ev
+    from .inference import ReadOut, Segmenter
 
-    if not Path(args.data, "meta.json").is_file():
-        raise UserError(f"--data {args.data!r} is not an evaluation split (images/, masks/, meta.json)")
-    load_model(args.model)  # fail early and clearly
-    evaluate.main(["--model", args.model, "--data", args.data, "--out", args.out])
-    return 0
+    if args.convert_coco_object:
+        n = ev.convert_coco_object(args.root)
+        print(f"wrote {n} *_instanceTrainIds.png under {args.root}")
+        return 0
+    sources = [x for x in (args.model, args.predictions, args.open_clip) if x]
+    if len(sources) != 1:
+        raise UserError("give exactly one of --model DIR, --predictions DIR, --open-clip NAME")
+    if not args.out:
+        raise UserError("--out report.json is required")
+    try:
+        dataset = ev.load_dataset(args.dataset, args.root)
+    except ev.DatasetError as exn:
+        print(f"vilseg: error: {exn}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if args.predictions:
+        report = ev.score_predictions(args.predictions, dataset, on_error=args.on_error)
+    else:
+        protocol = ev.preset(args.protocol, args.dataset)
+        protocol = ev.apply_overrides(protocol, (["pamr=true"] if args.pamr else []) + list(args.set or []))
+        if args.model:
+            model = load_model(args.model)
+            segmenter = Segmenter(model, readout=ReadOut.load(args.model))
+            predictor = ev.SegmenterScores(segmenter)
+        else:
+            try:
+                predictor = ev.OpenClipScores(args.open_clip, args.pretrained)
+            except FileNotFoundError as exn:
+                raise UserError(str(exn)) from None
+        report = ev.evaluate(predictor, dataset, protocol, names=args.names, batch=args.batch,
+                             on_error=args.on_error, limit=args.limit)
+        report["source"]["folder"] = args.model or args.pretrained
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        ev.write_report(report, args.out)
+        print(f"mIoU {report['miou']:.2f} ({report['images']} images) -> {args.out}")
+    return 1 if report["skipped"] else 0
 
 
 def cmd_probe(args) -> int:
+    from . import eval as ev
     from .recipes import probe_encoder
 
-    if not Path(args.split, "meta.json").is_file():
-        raise UserError(f"--split {args.split!r} is not a labelled split (images/, masks/, meta.json)")
+    try:
+        ev.load_dataset("synthetic", args.split)
+    except ev.DatasetError as exn:
+        raise UserError(str(exn).splitlines()[0]) from None
     report = probe_encoder(load_model(args.model), Path(args.split), Path(args.out) / "intra_inter.png")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "probes.json").write_text(json.dumps(report, indent=1))
@@ -307,12 +355,25 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--text", nargs="+", default=[], help="query: texts to look up")
     i.add_argument("-k", type=int, default=5)
 
-    e = sub.add_parser("eval", help="evaluate on a labelled split", formatter_class=formatter,
-                       epilog="example:\n  vilseg eval --model runs/demo/train/final --data data/demo/eval --out "
-                              "runs/demo/eval")
-    e.add_argument("--model", required=True)
-    e.add_argument("--data", required=True, help="a split folder: images/, masks/, meta.json")
-    e.add_argument("--out", required=True)
+    e = sub.add_parser("eval", help="mIoU on a standard benchmark or the synthetic world, protocol A or B",
+                       formatter_class=formatter, epilog=EVAL_EXAMPLE)
+    e.add_argument("--model", help="a vilseg model folder (its readout.json is used)")
+    e.add_argument("--predictions", help="score label-map PNGs instead: PRED_DIR/<image id>.png")
+    e.add_argument("--open-clip", help="an open_clip model name (ViT-B-16): the training-free MaskCLIP baseline")
+    e.add_argument("--pretrained", help="with --open-clip: a local weights file (default: random weights)")
+    e.add_argument("--dataset", required=True, choices=sorted(DATASET_KEYS))
+    e.add_argument("--root", required=True, help="the dataset folder (its standard layout; see the error if not)")
+    e.add_argument("--protocol", choices=("A", "B"), default="A", help="A: GroupViT/TCL lineage; B: SCLIP lineage")
+    e.add_argument("--pamr", action="store_true", help="PAMR post-processing (A's threshold becomes 0.4)")
+    e.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override protocol fields (crop=336 ...)")
+    e.add_argument("--names", help="name files: A, B, a file (one class per line), or synonym (synthetic)")
+    e.add_argument("--batch", type=int, default=16, help="windows per forward pass")
+    e.add_argument("--limit", type=int, help="the first N images only")
+    e.add_argument("--on-error", choices=("skip", "stop"), default="skip",
+                   help="an unreadable image: skip it and count it (exit 1), or stop (exit 2)")
+    e.add_argument("--out", help="the report (JSON)")
+    e.add_argument("--convert-coco-object", action="store_true",
+                   help="write COCO-Object *_instanceTrainIds.png beside COCO-Stuff's labelTrainIds under --root")
 
     p = sub.add_parser("probe", help="MMC's probes of an encoder's patch features", formatter_class=formatter,
                        epilog="example:\n  vilseg probe --model runs/demo/train/final --split data/demo/eval --out "
@@ -350,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exn:
         fail(str(exn))
     except ValueError as exn:  # e.g. an empty vocabulary or class name
+        fail(str(exn))
+    except OSError as exn:  # an unreadable file, named in the message (eval --on-error stop)
         fail(str(exn))
     if code:
         raise SystemExit(code)

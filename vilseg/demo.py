@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import evaluate as ev
+from . import eval as ev
 from .inference.segmenter import ReadOut
 from .inference.strategies import GROUPINGS, NAMINGS
 
@@ -67,19 +67,19 @@ def calibrate(model_dir: Path, data_dir: Path, grouping: str | None = None, nami
     """
     from .inference import Segmenter
 
-    calib, meta = ev.load_split(data_dir / "calib")
-    names = meta["classes"][1:]
+    calib = ev.load_dataset("synthetic", data_dir / "calib")
+    names = calib.classes[1:]
     candidates = [(g, n) for g, n in CANDIDATES if (grouping in (None, g)) and (naming in (None, n))]
     if not candidates:  # an explicit pair outside the candidates
         candidates = [(grouping or "clusters", naming or "pool")]
     from .models import ViLSeg
 
     model = ViLSeg.from_pretrained(model_dir)
-    index = Segmenter(model, vocabulary=names).index  # embedded once, shared by every candidate
+    protocol = ev.preset("A", "synthetic")  # the evaluator's path: vilseg eval --dataset synthetic --protocol A
     sweeps, best = {}, None
     for g, n in candidates:
-        seg = Segmenter(model, vocabulary=index, readout=ReadOut(g, n, threshold=None))
-        threshold, sweep = ev.calibrate_threshold(ev.class_scores(seg, calib), len(names) + 1)
+        predictor = ev.SegmenterScores(Segmenter(model, readout=ReadOut(g, n, threshold=None)))
+        threshold, sweep = ev.calibrate_threshold(ev.class_score_maps(predictor, calib, protocol), len(names) + 1)
         sweeps[f"{g}+{n}"] = sweep
         if best is None or sweep[threshold] > best[3]:
             best = (g, n, threshold, sweep[threshold])
@@ -96,9 +96,9 @@ def evaluate_model(model_dir: Path, data_dir: Path, out: Path, n_overlays: int, 
     evaluation split with the canonical and the synonym vocabulary."""
     from .inference import Segmenter
 
-    items, meta = ev.load_split(data_dir / "eval")
-    names = meta["classes"][1:]
-    n_classes = len(names) + 1
+    split = ev.load_dataset("synthetic", data_dir / "eval")
+    meta = json.loads((data_dir / "eval" / "meta.json").read_text())
+    names = split.classes[1:]
     readout, sweeps = calibrate(model_dir, data_dir, grouping, naming)
     if save_readout:
         readout.save(model_dir)
@@ -106,22 +106,22 @@ def evaluate_model(model_dir: Path, data_dir: Path, out: Path, n_overlays: int, 
     report = {"readout": f"{readout.grouping}+{readout.naming}", "bg_threshold": readout.threshold,
               "calibration_sweep": sweeps[f"{readout.grouping}+{readout.naming}"],
               "calibration": readout.calibration}
+    protocol = ev.preset("A", "synthetic")
     per_query = {}
     for vocab in ("canonical", "synonym"):
-        queries = names if vocab == "canonical" else [meta["synonyms"][n] for n in names]
-        seg.set_vocabulary(queries)
-        acc = ev.score_split(ev.class_scores(seg, items), n_classes, readout.threshold)
-        iou = dict(zip(meta["classes"], (100 * acc.iou()).tolist()))
-        report[vocab] = {"miou": 100 * acc.miou(), "per_class_iou": iou,
+        result = ev.evaluate(ev.SegmenterScores(seg), split, protocol, names="A" if vocab == "canonical" else vocab,
+                             progress=False)
+        iou = result["per_class"]
+        report[vocab] = {"miou": result["miou"], "per_class_iou": iou,
                          "seen_miou": group_miou(iou, meta["seen_classes"]),
                          "heldout_combo_miou": group_miou(iou, meta["heldout_classes"]),
-                         "background_iou": iou["background"]}
+                         "background_iou": iou["background"], "protocol": result["protocol"]}
         for name in names:
             query = name if vocab == "canonical" else meta["synonyms"][name]
             per_query[query] = {"class": name, "iou": iou[name], "vocabulary": vocab,
                                 "held_out": vocab == "synonym" or name in meta["heldout_classes"]}
         if vocab == "canonical":
-            report["overlays"] = ev.write_overlays(seg, items, out / "overlays", n_overlays)
+            report["overlays"] = ev.write_overlays(seg, split, out / "overlays", n_overlays)
     seen = [q["iou"] for q in per_query.values() if not q["held_out"] and not np.isnan(q["iou"])]
     held = [q["iou"] for q in per_query.values() if q["held_out"] and not np.isnan(q["iou"])]
     report["seen_queries_miou"] = float(np.mean(seen))
@@ -140,8 +140,8 @@ def text_ceiling(model, names: list[str], synonyms: dict[str, str]) -> float:
 
 
 def chance_report(data_dir: Path) -> dict:
-    items, meta = ev.load_split(data_dir / "eval")
-    acc = ev.chance_accumulator(items, len(meta["classes"]))
+    meta = json.loads((data_dir / "eval" / "meta.json").read_text())
+    acc = ev.chance_accumulator(ev.load_dataset("synthetic", data_dir / "eval"))
     iou = dict(zip(meta["classes"], (100 * acc.iou()).tolist()))
     return {"readout": "chance", "canonical": {"miou": 100 * acc.miou(), "per_class_iou": iou,
                                                "seen_miou": group_miou(iou, meta["seen_classes"]),

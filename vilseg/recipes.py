@@ -84,11 +84,11 @@ def has_text(recipe: str) -> bool:
 def probe_encoder(model, split: Path, plot: Path | None = None) -> dict:
     """The encoder probes (prompting-patch segmentation, intra/inter-object similarity, linear probes of colour and
     shape) of ``model``'s patch tokens on one labelled split of the synthetic world."""
-    from . import evaluate as ev
-    from .eval import EncoderFeatures, intra_inter_similarity, linear_probe, object_features, prompt_patch_segmentation
+    from .eval import (EncoderFeatures, intra_inter_similarity, linear_probe, load_dataset, object_features,
+                       prompt_patch_segmentation)
 
-    items, meta = ev.load_split(split)
-    names = meta["classes"][1:]
+    items = load_dataset("synthetic", split)
+    names = items.classes[1:]
     encoder = EncoderFeatures(model)
     report = {"prompt_patch": prompt_patch_segmentation(encoder, items),
               "intra_inter": intra_inter_similarity(encoder, items, plot=str(plot) if plot else None)}
@@ -102,12 +102,11 @@ def probe_encoder(model, split: Path, plot: Path | None = None) -> dict:
 def measure(model_dir: Path, data_dir: Path, out: Path, text: bool) -> dict:
     """Every measurement of one trained model (see the module docstring)."""
     from . import demo
-    from . import evaluate as ev
-    from .eval import patch_naming_accuracy
+    from .eval import load_dataset, patch_naming_accuracy
     from .models import ViLSeg
 
-    items, meta = ev.load_split(data_dir / "eval")
-    names = meta["classes"][1:]
+    items = load_dataset("synthetic", data_dir / "eval")
+    names = items.classes[1:]
     model = ViLSeg.from_pretrained(model_dir)
     report = probe_encoder(model, data_dir / "eval", out / "intra_inter.png")
     if text:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vilseg import evaluate as ev
+from vilseg import eval as ev
 from vilseg.inference import ReadOut, Segmenter
 
 

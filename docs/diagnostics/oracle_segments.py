@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from vilseg import evaluate as ev
+from vilseg import eval as ev
 from vilseg.inference import ReadOut, Segmenter
 
 

@@ -62,9 +62,17 @@ class EncoderFeatures:
         return F.normalize(tokens[0], dim=-1).t().reshape(-1, h, w).cpu()
 
 
-def _load(item) -> tuple[Image.Image, np.ndarray]:
-    _, image_path, mask_path = item
-    return Image.open(image_path).convert("RGB"), np.asarray(Image.open(mask_path))
+def _samples(data):
+    """(PIL image, [H, W] labels) of every image of a :class:`~vilseg.eval.Dataset` (its label handling applied) or
+    of a list of (key, image path, mask path)."""
+    from .datasets import Dataset
+
+    if isinstance(data, Dataset):
+        for item in data.items:
+            yield Image.fromarray(data.image(item)), data.label(item)
+        return
+    for _, image_path, mask_path in data:
+        yield Image.open(image_path).convert("RGB"), np.asarray(Image.open(mask_path))
 
 
 def _prompt_point(mask: np.ndarray, rng: np.random.Generator | None) -> tuple[int, int]:
@@ -90,8 +98,7 @@ def prompt_patch_segmentation(features: EncoderFeatures, items, thetas=THETAS, s
     """
     rng = np.random.default_rng(seed)
     ious = {"centroid": [], "random": []}
-    for item in items:
-        image, label = _load(item)
+    for image, label in _samples(items):
         feats = features(image)  # [D, h, w]
         d, h, w = feats.shape
         height, width = label.shape
@@ -131,8 +138,7 @@ def intra_inter_similarity(features: EncoderFeatures, items, bins: int = 100, pl
         similar than an inter pair), pair counts; writes a histogram PNG to ``plot`` if given.
     """
     intra, inter = [], []
-    for item in items:
-        image, label = _load(item)
+    for image, label in _samples(items):
         feats = features(image)
         d, h, w = feats.shape
         owner = np.zeros(label.shape, np.int64)
@@ -203,8 +209,7 @@ def object_features(features: EncoderFeatures, items) -> tuple[np.ndarray, np.nd
     """Every object's patch features, averaged with weights = the fraction of each patch it covers, then
     L2-normalised. Returns ([n, D] features, [n] class labels, [n] image index)."""
     feats_out, labels, groups = [], [], []
-    for index, item in enumerate(items):
-        image, label = _load(item)
+    for index, (image, label) in enumerate(_samples(items)):
         feats = features(image)
         d, h, w = feats.shape
         for cls, mask in instance_masks(label):
@@ -265,14 +270,13 @@ def patch_naming_accuracy(segmenter, items, names: list[str]) -> dict:
     (%) whose class, colour and shape are right (names are "<colour> <shape>"; chance 1/Q, and 1/4 for the
     synthetic world's colours and shapes). ``segmenter`` must use the dense grouping with ``names`` as its
     vocabulary."""
-    from ..evaluate import class_scores
-
     colour = [n.split()[0] for n in names]
     shape = [n.split()[-1] for n in names]
     same_colour = torch.tensor([[a == b for b in colour] for a in colour])
     same_shape = torch.tensor([[a == b for b in shape] for a in shape])
     total = right = right_colour = right_shape = 0
-    for scores, label in class_scores(segmenter, items):
+    for image, label in _samples(items):
+        scores, _ = segmenter.score_maps(image)
         label = torch.from_numpy(np.array(label, dtype=np.int64))
         fg = (label > 0) & (label != 255)
         truth, pred = label[fg] - 1, scores.argmax(0)[fg]
