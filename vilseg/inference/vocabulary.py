@@ -6,9 +6,9 @@
 
 Each name is embedded with prompt templates, averaged and L2-normalised (CLIP's prompt ensembling); optionally the
 vocabulary's mean is subtracted first (see ``center``). A class scores the best of its names. The index is exact
-inner product by default and HNSW above ``APPROXIMATE_FROM`` names (measured in benchmarks/segment.py: HNSW keeps
-recall@1 >= 0.99 there at a fraction of the exact search's cost); on a machine with faiss-gpu and CUDA the exact
-index lives on the GPU (faiss-gpu returns at most 2048 neighbours, so k is capped there).
+inner product below ``APPROXIMATE_FROM`` names and HNSW from there (measured in benchmarks/segment.py: HNSW
+with ``HNSW_EF_SEARCH`` keeps recall@1 >= 0.99 at a fraction of the exact search's cost); on a machine with
+faiss-gpu and CUDA the exact index lives on the GPU (faiss-gpu returns at most 2048 neighbours, so k is capped there).
 """
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 DEFAULT_TEMPLATES = ("a photo of a {}.", "a {}.", "an image of a {}.", "a picture with a {}.")
-APPROXIMATE_FROM = 50_000  # names; below it the exact search is fast enough (benchmarks/results/segment_cpu.json)
+APPROXIMATE_FROM = 5_000  # names (vectors); from here HNSW is 3x faster than exact search (benchmarks/segment.py)
+HNSW_EF_SEARCH = 64  # the smallest efSearch with recall@1 >= 0.99 against exact search at 1k-100k names
 GPU_MAX_K = 2048  # faiss-gpu's limit on k
 INDEX_FILE, META_FILE, VECTORS_FILE = "index.faiss", "vocabulary.json", "vectors.npy"
 
@@ -102,7 +103,7 @@ class VocabularyIndex:
         if self.kind == "hnsw":
             index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
             index.hnsw.efConstruction = 80
-            index.hnsw.efSearch = 128
+            index.hnsw.efSearch = HNSW_EF_SEARCH
         else:
             index = faiss.IndexFlatIP(dim)
         self.on_gpu = False
