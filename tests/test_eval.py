@@ -336,3 +336,56 @@ def test_open_clip_maskclip_baseline_uses_the_value_path(tmp_path):
     expect = (feats @ clip.text.t()).transpose(1, 2).reshape(1, 3, 2, 3)
     expect = torch.nn.functional.interpolate(expect, size=(64, 96), mode="bilinear", align_corners=False)
     torch.testing.assert_close(got, expect, atol=1e-5, rtol=1e-4)
+
+
+def test_probes_run_on_voc_instances_with_a_bare_timm_encoder_and_on_synthetic_with_a_vilseg_model(
+        tiny_model, tmp_path):
+    root = tmp_path / "VOC2012"
+    (root / "ImageSets/Segmentation").mkdir(parents=True)
+    (root / "ImageSets/Segmentation/val.txt").write_text("a\nb\n")
+    for i, key in enumerate("ab"):
+        _jpg(root / f"JPEGImages/{key}.jpg", 48, 64, i)
+        label = np.zeros((48, 64), np.uint8)
+        objects = np.zeros((48, 64), np.uint8)
+        label[4:20, 4:30], objects[4:20, 4:30] = 15, 1  # two people side by side: one class, two instances
+        label[4:20, 30:60], objects[4:20, 30:60] = 15, 2
+        label[30:46, 10:40], objects[30:46, 10:40] = 8, 3
+        objects[20, :] = 255
+        _png(root / f"SegmentationClass/{key}.png", label)
+        _png(root / f"SegmentationObject/{key}.png", objects)
+    ds = ev.load_dataset("voc21", root)
+    masks = ev.instance_masks(ds.label(ds.items[0]), instances=ds.instances(ds.items[0]))
+    assert sorted(c for c, _ in masks) == [8, 15, 15]  # connected components alone would merge the two people
+    out = tmp_path / "probe"
+    assert cli(["probe", "--timm", "vit_tiny_patch16_224", "--dataset", "voc21", "--root", str(root),
+                "--size", "32", "--out", str(out)]) == 0
+    report = json.loads((out / "probes.json").read_text())
+    assert report["prompt_patch"]["objects"] == 6 and (out / "intra_inter.png").is_file()
+    from data_prep import synthetic
+
+    synthetic.write_eval_split(tmp_path / "syn", n=4, image_size=32, seed=2)
+    assert cli(["probe", "--model", str(tiny_model), "--root", str(tmp_path / "syn"), "--out", str(out)]) == 0
+    assert "linear_probe" in json.loads((out / "probes.json").read_text())
+
+
+def test_two_processes_give_the_report_of_one(tiny_model, tmp_path):
+    """`accelerate launch` splits the images between processes and sums the histograms (gloo on the CPU: `--multi_gpu`
+    with CUDA hidden starts two processes that form a gloo group)."""
+    import os
+    import subprocess
+    import sys
+
+    from data_prep import synthetic
+
+    synthetic.write_eval_split(tmp_path / "syn", n=7, image_size=32, seed=3)
+    args = ["eval", "--model", str(tiny_model), "--dataset", "synthetic", "--root", str(tmp_path / "syn")]
+    assert cli([*args, "--out", str(tmp_path / "one.json")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "vilseg.cli",
+                    *args, "--out", str(tmp_path / "two.json")], check=True, capture_output=True, timeout=300,
+                   env=env)
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert one["processes"] == 1 and two["processes"] == 2
+    assert two["images"] == one["images"] == 7
+    assert two["miou"] == one["miou"] and two["per_class"] == one["per_class"]

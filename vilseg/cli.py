@@ -33,7 +33,7 @@ EVAL_EXAMPLE = """example:
   vilseg eval --predictions other_method/ --dataset ade20k --root data/ade --out ade.json   # any method's PNGs
   vilseg eval --open-clip ViT-B-16 --pretrained ViT-B-16.pt --dataset context60 --root data/VOC2010 --protocol B \\
       --out clip.json                                            # the training-free MaskCLIP baseline
-  accelerate launch -m vilseg.cli eval ...                       # several GPUs: the images are split
+  accelerate launch --multi_gpu --num_processes 8 -m vilseg.cli eval ...   # several GPUs: the images are split
 writes the report (miou, per_class, the resolved protocol) and prints a Markdown table."""
 DATASET_KEYS = ("voc21", "voc20", "context60", "context59", "coco_object", "coco_stuff", "cityscapes", "ade20k",
                 "synthetic")
@@ -160,10 +160,12 @@ def write_outputs(segmenter, image, result, out: Path, stem: str, source: str) -
     mode = np.uint8 if labels.max(initial=0) < 256 else np.uint16
     Image.fromarray(labels.astype(mode)).save(out / f"{stem}.png")
     classes = segmenter.index.classes
-    (out / f"{stem}.json").write_text(json.dumps({
-        "source": source, "size": [int(labels.shape[1]), int(labels.shape[0])],
-        "classes": ["background", *classes] if len(classes) <= 1000 else None,
-        "segments": result.segments}, indent=1))
+    record = {"source": source, "size": [int(labels.shape[1]), int(labels.shape[0])],
+              "classes": ["background", *classes] if len(classes) <= 1000 else None, "segments": result.segments}
+    if segmenter.readout.grouping == "slots":  # SlotCon's groups: which prototypes this image uses, which none
+        usage = segmenter.prototype_usage([image])
+        record["prototypes"] = {"total": usage["prototypes"], "used": usage["used"], "unused": usage["unused"]}
+    (out / f"{stem}.json").write_text(json.dumps(record, indent=1))
     segmenter.render_overlay(image, result, out / f"{stem}_overlay.png")
 
 
@@ -282,9 +284,7 @@ def cmd_eval(args) -> int:
         report = ev.evaluate(predictor, dataset, protocol, names=args.names, batch=args.batch,
                              on_error=args.on_error, limit=args.limit)
         report["source"]["folder"] = args.model or args.pretrained
-    from accelerate import PartialState
-
-    if PartialState().is_main_process:
+    if ev.runner.process_state().is_main_process:
         ev.write_report(report, args.out)
         print(f"mIoU {report['miou']:.2f} ({report['images']} images) -> {args.out}")
     return 1 if report["skipped"] else 0
@@ -292,18 +292,37 @@ def cmd_eval(args) -> int:
 
 def cmd_probe(args) -> int:
     from . import eval as ev
-    from .recipes import probe_encoder
 
+    if bool(args.model) == bool(args.timm):
+        raise UserError("give exactly one of --model DIR (a vilseg model) or --timm NAME (a bare timm encoder)")
     try:
-        ev.load_dataset("synthetic", args.split)
+        dataset = ev.load_dataset(args.dataset, args.root)
     except ev.DatasetError as exn:
-        raise UserError(str(exn).splitlines()[0]) from None
-    report = probe_encoder(load_model(args.model), Path(args.split), Path(args.out) / "intra_inter.png")
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "probes.json").write_text(json.dumps(report, indent=1))
-    print(json.dumps({"prompt_patch_miou": report["prompt_patch"]["centroid"]["best_miou"],
-                      "intra_inter_overlap": report["intra_inter"]["overlap"],
-                      "linear_probe": report["linear_probe"]}, indent=1))
+        print(f"vilseg: error: {exn}", file=sys.stderr)
+        raise SystemExit(2) from None
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.model and args.dataset == "synthetic":  # + the linear probes of colour and shape
+        from .recipes import probe_encoder
+
+        report = probe_encoder(load_model(args.model), dataset.root, out / "intra_inter.png")
+    else:
+        if args.model:
+            features = ev.EncoderFeatures(load_model(args.model), size=args.size)
+        else:
+            if args.checkpoint and not Path(args.checkpoint).is_file():
+                raise UserError(f"--checkpoint {args.checkpoint}: no such file")
+            features = ev.TimmFeatures(args.timm, args.checkpoint, size=args.size or 224)
+        report = {"prompt_patch": ev.prompt_patch_segmentation(features, dataset),
+                  "intra_inter": ev.intra_inter_similarity(features, dataset, plot=str(out / "intra_inter.png"))}
+    report["encoder"] = args.model or f"timm:{args.timm}" + (f" ({args.checkpoint})" if args.checkpoint else "")
+    report["dataset"] = {"name": args.dataset, "root": str(dataset.root), "images": len(dataset)}
+    (out / "probes.json").write_text(json.dumps(report, indent=1))
+    summary = {"prompt_patch_miou": report["prompt_patch"]["centroid"]["best_miou"],
+               "intra_inter_overlap": report["intra_inter"]["overlap"]}
+    if "linear_probe" in report:
+        summary["linear_probe"] = report["linear_probe"]
+    print(json.dumps(summary, indent=1))
     return 0
 
 
@@ -376,10 +395,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write COCO-Object *_instanceTrainIds.png beside COCO-Stuff's labelTrainIds under --root")
 
     p = sub.add_parser("probe", help="MMC's probes of an encoder's patch features", formatter_class=formatter,
-                       epilog="example:\n  vilseg probe --model runs/demo/train/final --split data/demo/eval --out "
-                              "runs/probe")
-    p.add_argument("--model", required=True)
-    p.add_argument("--split", required=True)
+                       epilog="example:\n  vilseg probe --model runs/demo/train/final --dataset synthetic --root "
+                              "data/demo/eval --out runs/probe\n  vilseg probe --timm vit_small_patch16_224 "
+                              "--checkpoint dino_vits16.safetensors --dataset voc21 --root data/VOCdevkit/VOC2012 "
+                              "--out runs/probe_dino\nwrites probes.json (prompting-patch segmentation, intra/inter-"
+                              "object similarity) and intra_inter.png;\nVOC's objects come from SegmentationObject/"
+                              " where present, elsewhere from each class's connected components.")
+    p.add_argument("--model", help="a vilseg model folder")
+    p.add_argument("--timm", help="a bare timm encoder by name")
+    p.add_argument("--checkpoint", help="with --timm: a local weights file (default: random weights)")
+    p.add_argument("--dataset", default="synthetic", choices=sorted(DATASET_KEYS))
+    p.add_argument("--root", required=True, help="the dataset folder")
+    p.add_argument("--size", type=int, help="input short side (default: the model's training size; timm: 224)")
     p.add_argument("--out", required=True)
 
     t = sub.add_parser("train", help="accelerate launch vilseg/train.py ...", formatter_class=formatter,

@@ -95,6 +95,17 @@ class Dataset:
             raw = np.where(raw == 254, 255, raw).astype(np.uint8)
         return raw.astype(np.uint8)
 
+    def instances(self, item: Item) -> np.ndarray | None:
+        """[H, W] instance ids where the layout has them (VOC's ``SegmentationObject/<id>.png``), else None (the
+        probes then take each class's connected components as its objects)."""
+        if self.name not in ("voc21", "voc20"):
+            return None
+        path = self.root / "SegmentationObject" / f"{item.id}.png"
+        if not path.is_file():
+            return None
+        with Image.open(path) as im:
+            return np.array(im)
+
     def names(self, lineage: str) -> list[list[str]]:
         """Per class (index = label value), the names the lineage queries; [] for a class it does not query (protocol
         A's background)."""

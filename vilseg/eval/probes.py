@@ -23,10 +23,24 @@ from PIL import Image
 THETAS = tuple(np.round(np.arange(0.1, 0.91, 0.1), 2))
 
 
-def instance_masks(label: np.ndarray, min_pixels: int = 16) -> list[tuple[int, np.ndarray]]:
-    """[H, W] class labels (0 background, 255 ignored) -> [(class, [H, W] bool mask)] of every 4-connected object
-    with at least ``min_pixels`` pixels."""
+def instance_masks(label: np.ndarray, min_pixels: int = 16, instances: np.ndarray | None = None
+                   ) -> list[tuple[int, np.ndarray]]:
+    """[H, W] class labels (0 background, 255 ignored) -> [(class, [H, W] bool mask)] of every object with at least
+    ``min_pixels`` pixels: the given instance map's objects (VOC's ``SegmentationObject``: 1..N, 0 background, 255
+    boundaries; the class is the most frequent label inside), else the 4-connected components of each class."""
     from ..inference.strategies import connected_components
+
+    if instances is not None:
+        out = []
+        for iid in np.unique(instances):
+            if iid in (0, 255):
+                continue
+            mask = instances == iid
+            classes = label[mask]
+            classes = classes[(classes > 0) & (classes != 255)]
+            if mask.sum() >= min_pixels and len(classes):
+                out.append((int(np.bincount(classes).argmax()), mask))
+        return out
 
     lab = torch.from_numpy(label.astype(np.int64))
     comp = connected_components(lab[None])[0]
@@ -48,31 +62,73 @@ class EncoderFeatures:
         device: torch device.
     """
 
-    def __init__(self, model, joint: bool = False, device: str | torch.device = "cpu"):
+    def __init__(self, model, joint: bool = False, device: str | torch.device = "cpu", size: int | None = None):
         self.model, self.joint, self.device = model.to(device).eval(), joint, torch.device(device)
         self.patch = model.image_encoder.patch_size
+        self.size = size or model.config.image.img_size
 
     @torch.no_grad()
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        """RGB image (side a multiple of the patch size) -> [D, h, w] normalised patch features."""
-        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None].to(self.device)
+        """RGB image -> [D, h, w] normalised patch features (short side resized to ``size``, sides rounded to the
+        patch size)."""
+        x = _tensor(image, self.size, self.patch).to(self.device)
         feats = self.model.image_encoder(self.model.image_encoder.normalize(x))
         tokens = self.model.image_proj(feats.patch_tokens) if self.joint else feats.patch_tokens  # [1, N, D]
         h, w = feats.grid
         return F.normalize(tokens[0], dim=-1).t().reshape(-1, h, w).cpu()
 
 
+def _tensor(image: Image.Image, size: int, patch: int) -> torch.Tensor:
+    """[1, 3, h, w] in [0, 1]: short side ``size``, both sides multiples of ``patch``."""
+    width, height = image.size
+    scale = size / min(width, height)
+    new = (max(patch, round(width * scale / patch) * patch), max(patch, round(height * scale / patch) * patch))
+    if new != image.size:
+        image = image.resize(new, Image.BILINEAR)
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+
+
+class TimmFeatures:
+    """L2-normalised patch features of a bare timm ViT (any image size: ``dynamic_img_size``), for probing encoders
+    that vilseg did not train.
+
+    Args:
+        name: a timm model name ("vit_small_patch16_224").
+        checkpoint: a local weights file (safetensors or a state dict), or None for random weights.
+        size: short side of the input in pixels.
+    """
+
+    def __init__(self, name: str, checkpoint: str | None = None, size: int = 224, device="cpu"):
+        import timm
+
+        kwargs = {"checkpoint_path": checkpoint} if checkpoint else {}
+        self.model = timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=True,
+                                       **kwargs).to(device).eval()
+        self.device, self.size = torch.device(device), size
+        self.patch = self.model.patch_embed.patch_size[0]
+        cfg = self.model.pretrained_cfg
+        self.mean = torch.tensor(cfg.get("mean", (0.5, 0.5, 0.5))).view(1, 3, 1, 1)
+        self.std = torch.tensor(cfg.get("std", (0.5, 0.5, 0.5))).view(1, 3, 1, 1)
+
+    @torch.no_grad()
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        x = (_tensor(image, self.size, self.patch) - self.mean) / self.std
+        tokens = self.model.forward_features(x.to(self.device))[:, self.model.num_prefix_tokens:]  # [1, N, D]
+        h, w = x.shape[-2] // self.patch, x.shape[-1] // self.patch
+        return F.normalize(tokens[0], dim=-1).t().reshape(-1, h, w).cpu()
+
+
 def _samples(data):
-    """(PIL image, [H, W] labels) of every image of a :class:`~vilseg.eval.Dataset` (its label handling applied) or
+    """(PIL image, [H, W] labels, [H, W] instance ids or None) of every image of a :class:`~vilseg.eval.Dataset` (its label handling applied) or
     of a list of (key, image path, mask path)."""
     from .datasets import Dataset
 
     if isinstance(data, Dataset):
         for item in data.items:
-            yield Image.fromarray(data.image(item)), data.label(item)
+            yield Image.fromarray(data.image(item)), data.label(item), data.instances(item)
         return
     for _, image_path, mask_path in data:
-        yield Image.open(image_path).convert("RGB"), np.asarray(Image.open(mask_path))
+        yield Image.open(image_path).convert("RGB"), np.asarray(Image.open(mask_path)), None
 
 
 def _prompt_point(mask: np.ndarray, rng: np.random.Generator | None) -> tuple[int, int]:
@@ -98,11 +154,11 @@ def prompt_patch_segmentation(features: EncoderFeatures, items, thetas=THETAS, s
     """
     rng = np.random.default_rng(seed)
     ious = {"centroid": [], "random": []}
-    for image, label in _samples(items):
+    for image, label, instances in _samples(items):
         feats = features(image)  # [D, h, w]
         d, h, w = feats.shape
         height, width = label.shape
-        for _, mask in instance_masks(label):
+        for _, mask in instance_masks(label, instances=instances):
             for prompt in ious:
                 y, x = _prompt_point(mask, rng if prompt == "random" else None)
                 f = feats[:, y * h // height, x * w // width]
@@ -138,11 +194,11 @@ def intra_inter_similarity(features: EncoderFeatures, items, bins: int = 100, pl
         similar than an inter pair), pair counts; writes a histogram PNG to ``plot`` if given.
     """
     intra, inter = [], []
-    for image, label in _samples(items):
+    for image, label, instances in _samples(items):
         feats = features(image)
         d, h, w = feats.shape
         owner = np.zeros(label.shape, np.int64)
-        for k, (_, mask) in enumerate(instance_masks(label), start=1):
+        for k, (_, mask) in enumerate(instance_masks(label, instances=instances), start=1):
             owner[mask] = k
         patch_owner = _majority(owner, h, w).reshape(-1)  # [N]
         flat = feats.reshape(d, -1).t()  # [N, D]
@@ -209,10 +265,10 @@ def object_features(features: EncoderFeatures, items) -> tuple[np.ndarray, np.nd
     """Every object's patch features, averaged with weights = the fraction of each patch it covers, then
     L2-normalised. Returns ([n, D] features, [n] class labels, [n] image index)."""
     feats_out, labels, groups = [], [], []
-    for index, (image, label) in enumerate(_samples(items)):
+    for index, (image, label, instances) in enumerate(_samples(items)):
         feats = features(image)
         d, h, w = feats.shape
-        for cls, mask in instance_masks(label):
+        for cls, mask in instance_masks(label, instances=instances):
             cover = F.adaptive_avg_pool2d(torch.from_numpy(mask.astype(np.float32))[None], (h, w))[0]  # [h, w]
             pooled = (feats * cover).sum((1, 2)) / cover.sum()
             feats_out.append(F.normalize(pooled, dim=0).numpy())
@@ -275,7 +331,7 @@ def patch_naming_accuracy(segmenter, items, names: list[str]) -> dict:
     same_colour = torch.tensor([[a == b for b in colour] for a in colour])
     same_shape = torch.tensor([[a == b for b in shape] for a in shape])
     total = right = right_colour = right_shape = 0
-    for image, label in _samples(items):
+    for image, label, instances in _samples(items):
         scores, _ = segmenter.score_maps(image)
         label = torch.from_numpy(np.array(label, dtype=np.int64))
         fg = (label > 0) & (label != 255)

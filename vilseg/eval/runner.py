@@ -93,18 +93,24 @@ def resolve_threshold(protocol: Protocol, predictor) -> tuple[float | None, str]
     return float(protocol.bg_threshold), "protocol"
 
 
-def _process_slice(items: list) -> list:
-    """This process's share of the items (all of them without a distributed launch)."""
+def process_state():
+    """accelerate's process state. Without an accelerator it is asked for the CPU explicitly, so that a multi-process
+    launch forms a gloo group (as in vilseg/train.py) instead of leaving every process on its own."""
     from accelerate import PartialState
 
-    state = PartialState()
+    no_accelerator = not (torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+                          or torch.backends.mps.is_available())
+    return PartialState(cpu=no_accelerator)
+
+
+def _process_slice(items: list) -> list:
+    """This process's share of the items (all of them without a distributed launch)."""
+    state = process_state()
     return items[state.process_index::state.num_processes] if state.num_processes > 1 else items
 
 
 def _sum_over_processes(array: np.ndarray) -> np.ndarray:
-    from accelerate import PartialState
-
-    state = PartialState()
+    state = process_state()
     if state.num_processes == 1:
         return array
     t = torch.from_numpy(array).to(state.device)
@@ -161,7 +167,9 @@ def evaluate(predictor, dataset: Dataset, protocol: Protocol, names: str | None 
     settings = {**protocol.as_dict(), "short": short, "crop": crop, "stride": stride, "bg_threshold": bg_threshold,
                 "bg_threshold_source": bg_source, "templates": list(templates),
                 "names": names or protocol.names, "queried_names": per_class_names}
-    return _report(acc, dataset, settings, predictor.describe(), len(items), skipped, int(state[-1]))
+    report = _report(acc, dataset, settings, predictor.describe(), len(items), skipped, int(state[-1]))
+    report["processes"] = process_state().num_processes
+    return report
 
 
 def _report(acc: IoUAccumulator, dataset: Dataset, settings: dict | None, source: dict, n_images: int,
