@@ -31,7 +31,11 @@ OBJECTIVE_SETS = {  # name -> objectives config; "clip" is the baseline every ra
     "mmc": {"mim": {}, "msd": {}, "gc": {}},
     "mmc+vilseg": {"xm": {}, "vis": {"weight": 0.5, "dim": 128, "hidden": 256}, "clu": {"detach": True},
                    "mim": {}, "msd": {}, "gc": {}},
+    "maskco": {"maskco": {}},
+    "slotcon": {"slotcon": {}},
+    "slotcon+xm": {"slotcon": {}, "xm": {}},  # the slotcon_only recipe's stage (slots named through xm)
 }
+PROTOTYPES = {"n_prototypes": 64}  # SlotCon's prototypes live in the model (its slot head)
 
 
 def make_batch(model, batch: int, n_global: int, n_local: int, device, negatives: bool = False) -> dict:
@@ -60,7 +64,7 @@ def make_step(name: str, args, device, spec: dict | None = None):
     from vilseg.text_cache import TextFeatureCache
 
     torch.manual_seed(0)
-    model = create_model(args.model).to(device).train()
+    model = create_model(args.model, **(PROTOTYPES if "slotcon" in name else {})).to(device).train()
     objectives, weights = build_objectives(spec if spec is not None else OBJECTIVE_SETS[name], model)
     freeze_unused(model, set().union(*(o.model_parts() for o in objectives.values())))
     frozen_text = not any(p.requires_grad for p in model.text_encoder.parameters())

@@ -11,6 +11,9 @@ import torch.multiprocessing as mp
 SETS = {
     "vilseg": {"xm": {}, "vis": {"dim": 16, "hidden": 32}, "clu": {"align_size": 4}},
     "mmc": {"mim": {}, "msd": {"out_dim": 32, "hidden": 16, "bottleneck": 8}, "gc": {"dim": 8, "hidden": 16}},
+    # queue of 40 < 3 steps x 2 views x 8 keys: the ring buffer wraps, so the order keys enter it is checked too
+    "maskco": {"maskco": {"dim": 8, "hidden": 16, "queue_size": 40}},
+    "slotcon": {"slotcon": {"hidden": 16, "align_size": 4}},
 }
 STEPS = 3
 
@@ -70,7 +73,8 @@ def _train(name, batch, wrap=None):
     from vilseg.stage import freeze_unused
 
     torch.manual_seed(0)
-    model = create_model("vilseg-tiny")
+    model = create_model("vilseg-tiny", **({"n_prototypes": 8, "prototype_dim": 8, "prototype_hidden": 16}
+                                           if name == "slotcon" else {}))
     with torch.no_grad():  # peaked cluster assignments: a clustering term with real gradients from the first step
         model.cluster_head.net[-1].weight.mul_(30.0)
     objectives, weights = build_objectives(SETS[name], model)

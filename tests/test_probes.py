@@ -112,3 +112,12 @@ def test_recipe_rows_replace_their_seed_and_summarize(tmp_path):
         table = list(csv.DictReader(f))
     assert [(r["seed"], r["miou_seen"]) for r in table] == [("0", "5.00"), ("1", "3.00")]  # sorted by seed
     assert "| scratch | 2 | **4.0** (3.0-5.0) |" in summarize(path)
+
+
+def test_stage_names_keep_two_methods_configs_of_one_file_name_apart():
+    from vilseg.recipes import RECIPES, stage_name
+
+    assert stage_name("configs/demo.yaml") == "demo"
+    assert stage_name("configs/mmc/pretrain-demo.yaml") != stage_name("configs/maskco/pretrain-demo.yaml")
+    chains = {"+".join(stage_name(c) for c in stages) for stages in RECIPES.values()}
+    assert len(chains) == len(RECIPES)  # no two recipes train (and reuse) the same stages

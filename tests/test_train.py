@@ -45,7 +45,8 @@ def test_train_main_runs_a_few_steps_and_exports(tmp_path, shards):
     assert (tmp_path / "run" / "checkpoints" / "step_0000003").is_dir()
 
 
-@pytest.mark.parametrize("config", ["configs/debug.yaml", "configs/mmc/pretrain-debug.yaml"])
+@pytest.mark.parametrize("config", ["configs/debug.yaml", "configs/mmc/pretrain-debug.yaml",
+                                    "configs/maskco/pretrain-debug.yaml", "configs/slotcon/pretrain-debug.yaml"])
 def test_interrupted_then_resumed_run_matches_uninterrupted(tmp_path, shards, config):
     common = ("train.steps=6", "train.checkpoint_every=100", "data.num_workers=1")
     args = lambda run, *extra: ["--config", str(REPO / config), f"run.dir={run}", f"data.shards={shards}",  # noqa: E731
@@ -61,8 +62,13 @@ def test_interrupted_then_resumed_run_matches_uninterrupted(tmp_path, shards, co
         assert a.keys() == b.keys()
         for key in a:
             torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=key)
-        if name == "model.safetensors" and "mmc" in config:
-            assert "objectives.msd.center" in a and a["objectives.msd.center"].abs().sum() > 0
+        state = {"mmc": "objectives.msd.center", "maskco": "objectives.maskco.queue",
+                 "slotcon": "objectives.slotcon.center"}  # the objectives' state is in the checkpoint, and resumed
+        for method, key in state.items():
+            if name == "model.safetensors" and method in config:
+                assert key in a and a[key].abs().sum() > 0
+        if name == "model.safetensors" and "maskco" in config:
+            assert int(a["objectives.maskco.queue_len"]) == 64 and "objectives.maskco.queue_ptr" in a
 
 
 def test_misspelt_config_key_and_missing_shards_are_named(tmp_path, shards):

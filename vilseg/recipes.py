@@ -3,6 +3,9 @@
     python -m vilseg.recipes --recipe scratch --seed 0      # ViL-Seg from scratch (configs/demo.yaml)
     python -m vilseg.recipes --recipe mmc --seed 0          # MMC pretraining, then ViL-Seg on its encoder
     python -m vilseg.recipes --recipe mmc_only --seed 0     # MMC alone: encoder probes only (it has no text side)
+    python -m vilseg.recipes --recipe maskco --seed 0       # MaskCo pretraining, then ViL-Seg on its encoder
+    python -m vilseg.recipes --recipe slotcon --seed 0      # SlotCon pretraining, then ViL-Seg on its encoder
+    python -m vilseg.recipes --recipe slotcon_only --seed 0 # SlotCon's slots as the grouping, named by text
     python -m vilseg.recipes --summarize                    # Markdown table (means and spreads) of the CSVs
     python -m vilseg.recipes --probe runs/x/final --split calib   # encoder probes of any model on one split
 
@@ -38,6 +41,9 @@ RECIPES = {  # name -> training stages (configs), in order; the last stage's exp
     "scratch": ["configs/demo.yaml"],
     "mmc": ["configs/mmc/pretrain-demo.yaml", "configs/mmc/vilseg-demo.yaml"],
     "mmc_only": ["configs/mmc/pretrain-demo.yaml"],
+    "maskco": ["configs/maskco/pretrain-demo.yaml", "configs/maskco/vilseg-demo.yaml"],
+    "slotcon": ["configs/slotcon/pretrain-demo.yaml", "configs/slotcon/vilseg-demo.yaml"],
+    "slotcon_only": ["configs/slotcon/slots-demo.yaml"],  # SlotCon's slots, named through a caption-trained projection
 }
 BACKBONE_COLUMNS = ["recipe", "seed", "miou_seen", "miou_heldout", "miou_seen_pool", "miou_heldout_pool",
                     "patch_shape_acc", "prompt_patch_miou", "intra_inter_overlap", "cpu_minutes"]
@@ -46,19 +52,26 @@ PROBE_COLUMNS = ["recipe", "seed", "probe_shape_acc", "probe_colour_acc", "zeros
                  "cpu_minutes"]
 
 
+def stage_name(config: str) -> str:
+    """A stage's name: its config's path under configs/, without the suffix ("mmc-pretrain-demo"), so that two
+    methods' configs of the same file name are never taken for one stage."""
+    parts = Path(config).with_suffix("").parts
+    return "-".join(parts[parts.index("configs") + 1:] if "configs" in parts else parts[-1:])
+
+
 def train_stages(recipe: str, seed: int, pattern: str, root: Path, overrides: list[str]) -> tuple[Path, float]:
     """Trains every stage of ``recipe``; returns (the last export, training wall-clock minutes of all its stages).
 
     A stage's folder is named by the chain of configs that leads to it and the seed
-    (``root/stages/<config>+<config>/seed<seed>``), so recipes that share a prefix share its training: ``mmc_only``
-    measures the very encoder that ``mmc`` continues from. A finished stage (its export and ``minutes.json``
-    exist) is reused, not trained again.
+    (``root/stages/<stage>+<stage>/seed<seed>``, :func:`stage_name`), so recipes that share a prefix share its
+    training: ``mmc_only`` measures the very encoder that ``mmc`` continues from. A finished stage (its export and
+    ``minutes.json`` exist) is reused, not trained again.
     """
     from .train import main as train_main
 
     previous, minutes, chain = None, 0.0, []
     for config in RECIPES[recipe]:
-        chain.append(Path(config).stem)
+        chain.append(stage_name(config))
         run_dir = root / "stages" / "+".join(chain) / f"seed{seed}"
         done = run_dir / "minutes.json"
         if done.is_file() and (run_dir / "final" / "model.safetensors").is_file():
@@ -112,12 +125,23 @@ def measure(model_dir: Path, data_dir: Path, out: Path, text: bool) -> dict:
     if text:
         from .inference import ReadOut, Segmenter
 
+        grouping = "slots" if model.slot_head is not None and model.config.n_prototypes and \
+            not _trains_clusters(model_dir) else "clusters"  # slotcon_only groups by its prototypes
         for naming in ("reencode_global", "pool"):
-            report[f"cluster+{naming}"] = demo.evaluate_model(model_dir, data_dir, out / naming, 4, "clusters", naming)
+            report[f"cluster+{naming}"] = demo.evaluate_model(model_dir, data_dir, out / naming, 4, grouping, naming)
+        report["grouping"] = grouping
         dense = Segmenter(model, vocabulary=names, readout=ReadOut("dense", "pool", threshold=None))
         report["patch_naming"] = patch_naming_accuracy(dense, items, names)
         report["zeroshot_object_shape"] = zero_shot_object_shape(model, items, names)
     return report
+
+
+def _trains_clusters(model_dir: Path) -> bool:
+    """Whether the stage that exported ``model_dir`` trained the clustering head (its config names ``clu``)."""
+    import yaml
+
+    config = Path(model_dir).parent / "config.yaml"
+    return config.is_file() and "clu" in (yaml.safe_load(config.read_text()).get("objectives") or {})
 
 
 def zero_shot_object_shape(model, items, names: list[str]) -> float:

@@ -210,6 +210,40 @@ class Segmenter:
         return SegmentationResult(labels.cpu().numpy(), seg_map.cpu().numpy(),
                                   self._describe(seg_map, top_s, top_c, background))
 
+    @torch.no_grad()
+    def prompt(self, image, point: tuple[int, int], threshold: float = 0.5) -> np.ndarray:
+        """Prompting-patch segmentation: the [H, W] bool mask of the object under ``point`` (y, x in displayed
+        pixels). With the slots grouping, the connected region of patches whose arg-max prototype is the prompted
+        patch's; otherwise the patches whose joint-space embedding has cosine >= ``threshold`` with the prompted
+        patch's (MMC's prompting-patch probe)."""
+        x, (height, width) = self.preprocess(image)
+        dense = self.tiling(self.model, x)
+        h, w = dense["patch_embed"].shape[-2:]
+        y0, x0 = min(h - 1, point[0] * h // height), min(w - 1, point[1] * w // width)
+        if self.readout.grouping == "slots":
+            ids = self.grouping(dense)
+            mask = (ids == ids[y0, x0]).float()
+        else:
+            emb = dense["patch_embed"][0]  # [E, h, w]
+            mask = (torch.einsum("e,ehw->hw", emb[:, y0, x0], emb) >= threshold).float()
+        full = F.interpolate(mask[None, None], size=(height, width), mode="nearest")[0, 0]
+        return full.bool().cpu().numpy()
+
+    @torch.no_grad()
+    def prototype_usage(self, images) -> dict:
+        """How often each SlotCon prototype is some patch's arg-max over ``images``; the unused ones are listed
+        (prototypes no pixel uses are dead weight, or a sign of collapse)."""
+        if getattr(self.model, "slot_head", None) is None:
+            raise ValueError("this model has no prototypes (train it with the slotcon objective)")
+        k = self.model.slot_head.prototypes.shape[0]
+        counts = torch.zeros(k, dtype=torch.long)
+        for image in images:
+            x, _ = self.preprocess(image)
+            dots = self.tiling(self.model, x)["slot_dots"]
+            counts += torch.bincount(dots.argmax(1).flatten().cpu(), minlength=k)
+        unused = torch.nonzero(counts == 0).flatten().tolist()
+        return {"prototypes": k, "used": k - len(unused), "unused": unused, "patches": counts.tolist()}
+
     def _label_map(self, ids, emb, top_c, background, size) -> torch.Tensor:
         """[H, W] labels: the classes' scores at patch resolution, bilinearly upsampled, then the arg-max over them
         and a constant background channel (the threshold, as TCL; none without a threshold); background words are

@@ -82,7 +82,20 @@ class DenseGrouping:
         return torch.arange(h * w, device=dense["patch_embed"].device).view(h, w)
 
 
-GROUPINGS = {"clusters": ClusterGrouping, "dense": DenseGrouping}
+class SlotGrouping:
+    """SlotCon's groups: each patch's arg-max prototype (the model's slot head), split into 4-connected segments as
+    the clusters are. Needs a model trained with the ``slotcon`` objective (``model.slot_head``)."""
+
+    name = "slots"
+
+    def __call__(self, dense: dict) -> torch.Tensor:
+        if "slot_dots" not in dense:
+            raise ValueError("the 'slots' grouping needs a model with prototypes (trained with the slotcon "
+                             "objective); this model has none: use 'clusters' or 'dense'")
+        return relabel(connected_components(dense["slot_dots"].argmax(1))[0])
+
+
+GROUPINGS = {"clusters": ClusterGrouping, "dense": DenseGrouping, "slots": SlotGrouping}
 
 
 # ------------------------------------------------------------------ naming
@@ -224,18 +237,20 @@ class SlidingWindow:
         window = max(patch, window // patch * patch)
         stride = max(patch, (self.stride or window // 2) // patch * patch)
         h, w = height // patch, width // patch
-        emb = probs = None
+        sums: dict[str, torch.Tensor] = {}  # every dense map the model returns, averaged where windows overlap
         count = torch.zeros(1, 1, h, w, device=image.device)
         for y0, y1, x0, x1 in self.windows(height, width, window, stride):
             dense = model.dense_embeddings(image[..., y0:y1, x0:x1])
-            if emb is None:
-                emb = image.new_zeros(1, dense["patch_embed"].shape[1], h, w)
-                probs = image.new_zeros(1, dense["cluster_probs"].shape[1], h, w)
             region = (..., slice(y0 // patch, y1 // patch), slice(x0 // patch, x1 // patch))
-            emb[region] += dense["patch_embed"]
-            probs[region] += dense["cluster_probs"]
+            for key, value in dense.items():
+                if value.dim() == 4:
+                    if key not in sums:
+                        sums[key] = image.new_zeros(1, value.shape[1], h, w)
+                    sums[key][region] += value
             count[region] += 1
         whole = model.dense_embeddings(F.interpolate(image, size=(window, window), mode="bilinear",
                                                      align_corners=False))  # a global view for the image embedding
-        return {"patch_embed": F.normalize(emb / count, dim=1), "cluster_probs": probs / count,
-                "image_embed": whole["image_embed"]}
+        out = {key: value / count for key, value in sums.items()}
+        out["patch_embed"] = F.normalize(out["patch_embed"], dim=1)
+        out["image_embed"] = whole["image_embed"]
+        return out

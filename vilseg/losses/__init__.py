@@ -7,6 +7,8 @@ from .clustering import align_to_box, iic_loss, overlap_boxes
 from .contrastive import cross_modal_infonce, global_contrast, vision_contrast
 from .distillation import distillation_loss
 from .reconstruction import masked_l1
+from .regions import attentive_pool, grouping_loss, region_contrast, slot_contrast
 
-__all__ = ["align_to_box", "cross_modal_infonce", "distillation_loss", "global_contrast", "iic_loss", "masked_l1",
-           "overlap_boxes", "vision_contrast"]
+__all__ = ["align_to_box", "attentive_pool", "cross_modal_infonce", "distillation_loss", "global_contrast",
+           "grouping_loss", "iic_loss", "masked_l1", "overlap_boxes", "region_contrast", "slot_contrast",
+           "vision_contrast"]

@@ -43,6 +43,9 @@ class ModelConfig:
     n_clusters: int = 32  # C, clusters of the online clustering head
     cluster_hidden: int = 256
     init_logit_scale: float = 2.6593  # ln(1/0.07), CLIP's initial temperature
+    n_prototypes: int = 0  # K SlotCon prototypes (a slot head, trained by the slotcon objective); 0: none
+    prototype_dim: int = 128  # the slot head's projection width
+    prototype_hidden: int = 512  # the slot head's projector hidden width
 
 
 def _build(cls, data: dict[str, Any], where: str):

@@ -27,3 +27,29 @@ class ClusterHead(nn.Module):
     def forward(self, patch_tokens: torch.Tensor) -> torch.Tensor:
         """[B, N, D] -> [B, N, C] cluster logits."""
         return self.net(patch_tokens)
+
+
+class SlotHead(nn.Module):
+    """SlotCon's dense projector and K learnable prototypes: patch tokens -> (normalised projected features, their
+    cosine to every prototype). Part of the model when ``n_prototypes > 0``: trained by the ``slotcon`` objective,
+    exported with the model, and the ``slots`` grouping of the Segmenter reads it (the arg-max prototype per patch).
+
+    Args:
+        in_dim: patch-token width D.
+        hidden: projector hidden width.
+        dim: projection width.
+        n_prototypes: K.
+    """
+
+    def __init__(self, in_dim: int, hidden: int, dim: int, n_prototypes: int):
+        super().__init__()
+        self.projector = mlp(in_dim, hidden, dim)
+        self.prototypes = nn.Parameter(torch.randn(n_prototypes, dim) * 0.02)
+
+    def forward(self, patch_tokens: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, N, D] -> ([B, dim, h, w] L2-normalised features, [B, K, h, w] cosines to the prototypes)."""
+        from .image_encoder import tokens_to_map
+
+        x = tokens_to_map(nn.functional.normalize(self.projector(patch_tokens), dim=-1), grid)
+        dots = torch.einsum("kd,bdhw->bkhw", nn.functional.normalize(self.prototypes, dim=-1), x)
+        return x, dots

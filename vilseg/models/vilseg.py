@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig, model_config_from_dict
-from .heads import ClusterHead
+from .heads import ClusterHead, SlotHead
 from .image_encoder import ImageEncoder, ImageFeatures, build_image_encoder, tokens_to_map
 from .text_encoder import build_text_encoder
 
@@ -36,7 +36,8 @@ class ViLSeg(nn.Module):
     """
 
     def __init__(self, image_encoder: ImageEncoder, text_encoder: nn.Module, embed_dim: int, n_clusters: int,
-                 cluster_hidden: int, init_logit_scale: float, config: ModelConfig | None = None):
+                 cluster_hidden: int, init_logit_scale: float, config: ModelConfig | None = None,
+                 n_prototypes: int = 0, prototype_dim: int = 128, prototype_hidden: int = 512):
         super().__init__()
         self.image_encoder = image_encoder
         self.text_encoder = text_encoder
@@ -47,6 +48,7 @@ class ViLSeg(nn.Module):
         self.text_proj = nn.Linear(text_encoder.width, embed_dim)
         self.cluster_head = ClusterHead(width, cluster_hidden, n_clusters)
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
+        self.slot_head = SlotHead(width, prototype_hidden, prototype_dim, n_prototypes) if n_prototypes else None
         self.config = config
 
     @property
@@ -135,15 +137,19 @@ class ViLSeg(nn.Module):
 
         Returns:
             dict with ``patch_embed`` [B, E, h, w] (L2-normalised joint-space patch embeddings),
-            ``cluster_probs`` [B, C, h, w] and ``image_embed`` [B, E] (normalised).
+            ``cluster_probs`` [B, C, h, w], ``image_embed`` [B, E] (normalised) and, with a slot head,
+            ``slot_dots`` [B, K, h, w] (every patch's cosine to the K prototypes).
         """
         feats = self.image_encoder(images)
         patch_joint = self.image_proj(feats.patch_tokens)  # [B, N, E]
-        return {
+        out = {
             "patch_embed": tokens_to_map(F.normalize(patch_joint, dim=-1), feats.grid),
             "cluster_probs": self.cluster_logits(feats).softmax(1),
             "image_embed": self.embed_image(feats.global_token),
         }
+        if self.slot_head is not None:
+            out["slot_dots"] = self.slot_head(feats.patch_tokens, feats.grid)[1]
+        return out
 
     forward = dense_embeddings
 
@@ -204,5 +210,6 @@ def build_vilseg(cfg: ModelConfig, text_asset_dir=None) -> ViLSeg:
         image_encoder=build_image_encoder(cfg.image),
         text_encoder=build_text_encoder(cfg.text, asset_dir=text_asset_dir),
         embed_dim=cfg.embed_dim, n_clusters=cfg.n_clusters, cluster_hidden=cfg.cluster_hidden,
-        init_logit_scale=cfg.init_logit_scale, config=cfg,
+        init_logit_scale=cfg.init_logit_scale, config=cfg, n_prototypes=cfg.n_prototypes,
+        prototype_dim=cfg.prototype_dim, prototype_hidden=cfg.prototype_hidden,
     )
