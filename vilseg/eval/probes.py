@@ -229,7 +229,9 @@ def _majority(owner: np.ndarray, h: int, w: int) -> np.ndarray:
 
 
 def _auc(pos: np.ndarray, neg: np.ndarray) -> float:
-    """P(pos > neg) + P(pos == neg) / 2, from ranks (Mann-Whitney U)."""
+    """P(pos > neg) + P(pos == neg) / 2, from ranks (Mann-Whitney U); NaN when either side has no pair."""
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
     values = np.concatenate([pos, neg])
     order = values.argsort(kind="mergesort")
     ranks = np.empty(len(values))
