@@ -96,8 +96,12 @@ def resolve_threshold(protocol: Protocol, predictor) -> tuple[float | None, str]
 def process_state():
     """accelerate's process state. Without an accelerator it is asked for the CPU explicitly, so that a multi-process
     launch forms a gloo group (as in vilseg/train.py) instead of leaving every process on its own."""
-    from accelerate import PartialState
+    try:
+        from accelerate import PartialState
+    except ImportError:  # an inference-only install: one process
+        from types import SimpleNamespace
 
+        return SimpleNamespace(num_processes=1, process_index=0, is_main_process=True, device=torch.device("cpu"))
     no_accelerator = not (torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
                           or torch.backends.mps.is_available())
     return PartialState(cpu=no_accelerator)
