@@ -163,8 +163,7 @@ def write_outputs(segmenter, image, result, out: Path, stem: str, source: str) -
     record = {"source": source, "size": [int(labels.shape[1]), int(labels.shape[0])],
               "classes": ["background", *classes] if len(classes) <= 1000 else None, "segments": result.segments}
     if segmenter.readout.grouping == "slots":  # SlotCon's groups: which prototypes this image uses, which none
-        usage = segmenter.prototype_usage([image])
-        record["prototypes"] = {"total": usage["prototypes"], "used": usage["used"], "unused": usage["unused"]}
+        record["prototypes"] = result.prototypes
     (out / f"{stem}.json").write_text(json.dumps(record, indent=1))
     segmenter.render_overlay(image, result, out / f"{stem}_overlay.png")
 
@@ -262,11 +261,7 @@ def cmd_eval(args) -> int:
         raise UserError("give exactly one of --model DIR, --predictions DIR, --open-clip NAME")
     if not args.out:
         raise UserError("--out report.json is required")
-    try:
-        dataset = ev.load_dataset(args.dataset, args.root)
-    except ev.DatasetError as exn:
-        print(f"vilseg: error: {exn}", file=sys.stderr)
-        raise SystemExit(2) from None
+    dataset = load_dataset(args.dataset, args.root)
     if args.predictions:
         report = ev.score_predictions(args.predictions, dataset, on_error=args.on_error)
     else:
@@ -290,16 +285,22 @@ def cmd_eval(args) -> int:
     return 1 if report["skipped"] else 0
 
 
+def load_dataset(name: str, root: str):
+    """An evaluation split, or exit 2 with the error that shows the layout expected under ``root``."""
+    from . import eval as ev
+
+    try:
+        return ev.load_dataset(name, root)
+    except ev.DatasetError as exn:
+        fail(str(exn))
+
+
 def cmd_probe(args) -> int:
     from . import eval as ev
 
     if bool(args.model) == bool(args.timm):
         raise UserError("give exactly one of --model DIR (a vilseg model) or --timm NAME (a bare timm encoder)")
-    try:
-        dataset = ev.load_dataset(args.dataset, args.root)
-    except ev.DatasetError as exn:
-        print(f"vilseg: error: {exn}", file=sys.stderr)
-        raise SystemExit(2) from None
+    dataset = load_dataset(args.dataset, args.root)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.model and args.dataset == "synthetic":  # + the linear probes of colour and shape

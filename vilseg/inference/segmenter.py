@@ -64,11 +64,14 @@ class SegmentationResult:
         segments: one dict per segment: ``id``, ``label`` (a class name or "background"), ``score`` (cosine of its
             best class), ``area`` (pixels), ``box`` (x0, y0, x1, y1 in pixels), ``top`` ([[name, score], ...], its
             best classes).
+        prototypes: with SlotCon's prototypes (a slot head), {"total", "used", "unused"}: which prototypes are some
+            patch's arg-max in this image; None otherwise.
     """
 
     labels: np.ndarray
     segment_map: np.ndarray
     segments: list[dict]
+    prototypes: dict | None = None
 
 
 def load_image(image) -> Image.Image:
@@ -202,13 +205,20 @@ class Segmenter:
         if self.index is None:
             raise RuntimeError("set a vocabulary first (vocabulary=... or set_vocabulary)")
         x, (height, width) = self.preprocess(image)
-        ids, emb = self.group_and_name(x)
+        dense = self.tiling(self.model, x)
+        ids = self.grouping(dense)
+        emb = self.naming(self.model, x, dense, ids)
         top_s, top_c = self.index.search(emb, self.top_k)  # [S, k]
         background = self.decision.background(top_s[:, 0], top_c[:, 0], self.index.classes)
         labels = self._label_map(ids, emb, top_c, background, (height, width))
         seg_map = F.interpolate(ids[None, None].float(), size=(height, width), mode="nearest")[0, 0].long()
+        prototypes = None
+        if "slot_dots" in dense:  # from the same forward pass: no second one to count prototype use
+            k = dense["slot_dots"].shape[1]
+            unused = sorted(set(range(k)) - set(dense["slot_dots"].argmax(1).unique().tolist()))
+            prototypes = {"total": k, "used": k - len(unused), "unused": unused}
         return SegmentationResult(labels.cpu().numpy(), seg_map.cpu().numpy(),
-                                  self._describe(seg_map, top_s, top_c, background))
+                                  self._describe(seg_map, top_s, top_c, background), prototypes)
 
     @torch.no_grad()
     def prompt(self, image, point: tuple[int, int], threshold: float = 0.5) -> np.ndarray:
