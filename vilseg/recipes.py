@@ -6,6 +6,7 @@
     python -m vilseg.recipes --recipe maskco --seed 0       # MaskCo pretraining, then ViL-Seg on its encoder
     python -m vilseg.recipes --recipe slotcon --seed 0      # SlotCon pretraining, then ViL-Seg on its encoder
     python -m vilseg.recipes --recipe slotcon_only --seed 0 # SlotCon's slots as the grouping, named by text
+    python -m vilseg.recipes --recipe scratch --seed 0 --scale 2   # the same recipe at twice the compute
     python -m vilseg.recipes --summarize                    # Markdown table (means and spreads) of the CSVs
     python -m vilseg.recipes --probe runs/x/final --split calib   # encoder probes of any model on one split
 
@@ -24,7 +25,9 @@ step measured by benchmarks/train_step.py; see docs/results.md). Each run measur
 - training wall-clock minutes on this machine.
 
 Rows are appended to docs/results/backbones.csv (recipes with a text side) and docs/results/probes.csv (every
-recipe); everything else goes to OUT/<recipe>/seed<seed>/report.json with the probes' histogram PNG. Stages are
+recipe); with ``--scale F`` (every stage's steps times F: the compute-scaling curve) to docs/results/scaling.csv,
+with the total steps in a ``steps`` column. Every stage runs with ``--resume``: a recipe killed part-way continues
+from its stage's latest checkpoint when the same command is run again; everything else goes to OUT/<recipe>/seed<seed>/report.json with the probes' histogram PNG. Stages are
 trained under OUT/stages/ and shared between recipes with the same first stages (see :func:`train_stages`).
 """
 from __future__ import annotations
@@ -45,6 +48,8 @@ RECIPES = {  # name -> training stages (configs), in order; the last stage's exp
     "slotcon": ["configs/slotcon/pretrain-demo.yaml", "configs/slotcon/vilseg-demo.yaml"],
     "slotcon_only": ["configs/slotcon/slots-demo.yaml"],  # SlotCon's slots, named through a caption-trained projection
 }
+SCALING_COLUMNS = ["recipe", "seed", "steps", "miou_seen", "miou_heldout", "miou_seen_pool", "miou_heldout_pool",
+                   "patch_shape_acc", "cpu_minutes"]
 BACKBONE_COLUMNS = ["recipe", "seed", "miou_seen", "miou_heldout", "miou_seen_pool", "miou_heldout_pool",
                     "patch_shape_acc", "prompt_patch_miou", "intra_inter_overlap", "cpu_minutes"]
 PROBE_COLUMNS = ["recipe", "seed", "probe_shape_acc", "probe_colour_acc", "zeroshot_object_shape_acc",
@@ -59,30 +64,47 @@ def stage_name(config: str) -> str:
     return "-".join(parts[parts.index("configs") + 1:] if "configs" in parts else parts[-1:])
 
 
-def train_stages(recipe: str, seed: int, pattern: str, root: Path, overrides: list[str]) -> tuple[Path, float]:
+def stage_steps(config: str, scale: float) -> int:
+    """A stage's optimizer steps at ``scale`` times its config's compute."""
+    from .config import load_config
+
+    return max(1, round(load_config(config).train.steps * scale))
+
+
+def train_stages(recipe: str, seed: int, pattern: str, root: Path, overrides: list[str],
+                 scale: float = 1.0) -> tuple[Path, float]:
     """Trains every stage of ``recipe``; returns (the last export, training wall-clock minutes of all its stages).
 
     A stage's folder is named by the chain of configs that leads to it and the seed
     (``root/stages/<stage>+<stage>/seed<seed>``, :func:`stage_name`), so recipes that share a prefix share its
     training: ``mmc_only`` measures the very encoder that ``mmc`` continues from. A finished stage (its export and
-    ``minutes.json`` exist) is reused, not trained again.
+    ``minutes.json`` exist) is reused, not trained again; an unfinished one resumes from its latest checkpoint
+    (``minutes.json`` then estimates the stage's minutes from the last session's pace). At ``scale`` != 1 every stage takes
+    ``scale`` times its steps (schedules stretched with it), and its folder name says so (``demo@x2``).
     """
     from .train import main as train_main
 
     previous, minutes, chain = None, 0.0, []
     for config in RECIPES[recipe]:
-        chain.append(stage_name(config))
+        chain.append(stage_name(config) + (f"@x{scale:g}" if scale != 1 else ""))
         run_dir = root / "stages" / "+".join(chain) / f"seed{seed}"
         done = run_dir / "minutes.json"
         if done.is_file() and (run_dir / "final" / "model.safetensors").is_file():
             print(f"reusing {run_dir} (trained earlier)")
         else:
-            args = ["--config", config, f"run.dir={run_dir}", f"data.shards={pattern}", f"run.seed={seed}", *overrides]
+            args = ["--config", config, f"run.dir={run_dir}", f"data.shards={pattern}", f"run.seed={seed}",
+                    f"train.steps={stage_steps(config, scale)}", *overrides]
             if previous is not None:
                 args.append(f"model.init_from={previous}")
+            args.append("--resume")  # last: it takes an optional folder
             start = time.time()
             train_main(args)
-            done.write_text(json.dumps({"minutes": (time.time() - start) / 60}))
+            minutes_run = (time.time() - start) / 60
+            summary = json.loads((run_dir / "train_summary.json").read_text())
+            if summary["steps_this_session"] < summary["steps"] and summary["seconds_per_step_after_warmup"]:
+                # resumed: the earlier sessions' time is gone; estimate the whole stage at this session's pace
+                minutes_run = summary["seconds_per_step_after_warmup"] * summary["steps"] / 60
+            done.write_text(json.dumps({"minutes": minutes_run}))
         previous = run_dir / "final"
         minutes += json.loads(done.read_text())["minutes"]
     return previous, minutes
@@ -177,16 +199,16 @@ def rows(recipe: str, seed: int, report: dict, minutes: float) -> tuple[dict | N
     return backbone, probe
 
 
-def append_row(path: Path, columns: list[str], row: dict) -> None:
-    """Appends ``row`` to a CSV (header written if new); an earlier row of the same (recipe, seed) is replaced."""
+def append_row(path: Path, columns: list[str], row: dict, key: tuple[str, ...] = ("recipe", "seed")) -> None:
+    """Appends ``row`` to a CSV (header written if new); an earlier row with the same ``key`` columns is replaced."""
     path.parent.mkdir(parents=True, exist_ok=True)
     kept = []
     if path.is_file():
         with path.open() as f:
-            kept = [r for r in csv.DictReader(f) if (r["recipe"], r["seed"]) != (row["recipe"], str(row["seed"]))]
+            kept = [r for r in csv.DictReader(f) if tuple(r[k] for k in key) != tuple(str(row[k]) for k in key)]
     kept.append({k: (f"{v:.2f}" if isinstance(v, float) else v) for k, v in row.items()})
     order = list(dict.fromkeys([*RECIPES, *(r["recipe"] for r in kept)]))
-    kept.sort(key=lambda r: (order.index(r["recipe"]), int(r["seed"])))
+    kept.sort(key=lambda r: (order.index(r["recipe"]), *(float(r[k]) for k in key[1:])))
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
@@ -222,6 +244,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=Path("runs/recipes"))
     parser.add_argument("--results", type=Path, default=Path("docs/results"), help="folder of the CSVs")
     parser.add_argument("--train-samples", type=int, default=30000)
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="every stage's steps times this (the compute-scaling curve; rows go to scaling.csv)")
+    parser.add_argument("--scaling-row", action="store_true",
+                        help="write the row to scaling.csv even at --scale 1 (the curve's first point)")
     parser.add_argument("--skip-train", action="store_true", help="measure OUT/<recipe>/seed<seed>'s last export")
     parser.add_argument("--summarize", action="store_true", help="print the Markdown tables of the CSVs")
     parser.add_argument("--probe", type=Path, help="print the encoder probes of this model (no training)")
@@ -249,24 +275,31 @@ def main(argv: list[str] | None = None) -> dict:
     from .demo import prepare_data
 
     pattern = prepare_data(args.data, args.train_samples, 300, image_size=64)
-    out = args.out / args.recipe / f"seed{args.seed}"
+    out = args.out / args.recipe / (f"seed{args.seed}" + (f"@x{args.scale:g}" if args.scale != 1 else ""))
     out.mkdir(parents=True, exist_ok=True)
     if args.skip_train:
         report_path = out / "report.json"
         previous = json.loads(report_path.read_text())
         model_dir, minutes = Path(previous["model"]), previous["cpu_minutes"]
     else:
-        model_dir, minutes = train_stages(args.recipe, args.seed, pattern, args.out, args.overrides)
+        model_dir, minutes = train_stages(args.recipe, args.seed, pattern, args.out, args.overrides, args.scale)
     report = measure(model_dir, args.data, out, has_text(args.recipe))
     import platform
 
     import torch
 
     report.update({"recipe": args.recipe, "seed": args.seed, "model": str(model_dir), "cpu_minutes": minutes,
-                   "stages": RECIPES[args.recipe], "overrides": args.overrides, "torch_threads": torch.get_num_threads(),
+                   "stages": RECIPES[args.recipe], "overrides": args.overrides, "scale": args.scale, "torch_threads": torch.get_num_threads(),
                    "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores"})
     (out / "report.json").write_text(json.dumps(report, indent=1))
     backbone, probe = rows(args.recipe, args.seed, report, minutes)
+    if args.scale != 1 or args.scaling_row:
+        steps = sum(stage_steps(c, args.scale) for c in RECIPES[args.recipe])
+        row = {"steps": steps, **{k: v for k, v in (backbone or {}).items() if k in SCALING_COLUMNS}}
+        append_row(args.results / "scaling.csv", SCALING_COLUMNS, {c: row.get(c, probe.get(c)) for c in SCALING_COLUMNS},
+                   key=("recipe", "seed", "steps"))
+        print(json.dumps(row, indent=1))
+        return report
     if backbone is not None:
         append_row(args.results / "backbones.csv", BACKBONE_COLUMNS, backbone)
     append_row(args.results / "probes.csv", PROBE_COLUMNS, probe)
