@@ -260,3 +260,59 @@ def test_tiny_images_and_huge_captions_are_skipped_under_their_own_reasons(tmp_p
             skipped[reason] = skipped.get(reason, 0) + n
     assert sorted(k for b in batches for k in b["keys"]) == ["ok0", "ok1", "ok2"]
     assert skipped == {"image_too_small": 1, "caption_too_long": 1}
+
+
+def _scene(seed=0, size=64):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8))
+
+
+def test_photometric_augmentation_leaves_the_caption_view_intact_unless_configured():
+    from vilseg.data.augment import Photometric
+
+    plain = MultiCrop(32, 16, n_global=2, n_local=2, mean=(0, 0, 0), std=(1, 1, 1))
+    strong = Photometric(jitter_p=1.0, grayscale_p=0.0, blur_p=(1.0, 1.0, 1.0), solarize_p=(0.0, 1.0, 0.0))
+    for seed in range(5):
+        ref, ref_boxes, _ = plain(_scene(seed), np.random.default_rng(seed))
+        kept, boxes, _ = MultiCrop(32, 16, 2, 2, mean=(0, 0, 0), std=(1, 1, 1), photometric=strong,
+                                   intact_first=True)(_scene(seed), np.random.default_rng(seed))
+        torch.testing.assert_close(kept[0], ref[0], rtol=0, atol=0)  # the caption's view: untouched
+        torch.testing.assert_close(boxes[:2], ref_boxes[:2])  # the same crop for view 1 ...
+        assert (kept[1] - ref[1]).abs().mean() > 0.05  # ... but jittered, blurred and solarised
+        every, _, _ = MultiCrop(32, 16, 2, 2, mean=(0, 0, 0), std=(1, 1, 1), photometric=strong,
+                                intact_first=False)(_scene(seed), np.random.default_rng(seed))
+        assert (every[0] - ref[0]).abs().max() > 0.05  # caption_view: true jitters view 0 too
+
+
+def test_photometric_ops_follow_dino_per_view():
+    from vilseg.data.augment import Photometric
+
+    aug = Photometric()
+    image = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0))
+    rng = np.random.default_rng(0)
+    grey = Photometric(jitter_p=0.0, grayscale_p=1.0, blur_p=(0, 0, 0))(image, rng, 0)
+    torch.testing.assert_close(grey[0], grey[1])  # grayscale keeps 3 equal channels
+    solar = Photometric(jitter_p=0.0, grayscale_p=0.0, blur_p=(0, 0, 0), solarize_p=(0, 1, 0))
+    torch.testing.assert_close(solar(image, rng, 1), torch.where(image >= 0.5, 1 - image, image))
+    torch.testing.assert_close(solar(image, rng, 0), image)  # solarisation only on the second global view
+    assert [aug.kind(i, 2) for i in range(5)] == [0, 1, 2, 2, 2]
+
+
+def test_augmented_stream_is_a_function_of_the_seed_alone(tiny_shards):
+    """What makes --resume exact: every draw comes from the per-sample generator, none from torch's or numpy's
+    global one, so two streams built under different global seeds give the same augmented views."""
+    from vilseg.data.augment import Photometric
+
+    crop = MultiCrop(16, 8, n_global=2, n_local=2, photometric=Photometric(), intact_first=True)
+
+    def first_batches(global_seed):
+        torch.manual_seed(global_seed)
+        np.random.seed(global_seed)
+        it = iter(make_train_stream(str(tiny_shards / "shard-{0..1}.tar"), crop, 4, seed=5))
+        return [next(it) for _ in range(3)]
+
+    plain = iter(make_train_stream(str(tiny_shards / "shard-{0..1}.tar"), MultiCrop(16, 8, 2, 2), 4, seed=5))
+    for a, b in zip(first_batches(0), first_batches(123)):
+        assert a["keys"] == b["keys"]
+        for va, vb in zip(a["views"], b["views"]):
+            torch.testing.assert_close(va, vb, rtol=0, atol=0)
+        assert not torch.allclose(a["views"][1], next(plain)["views"][1])  # augmentation is on

@@ -45,10 +45,15 @@ def test_train_main_runs_a_few_steps_and_exports(tmp_path, shards):
     assert (tmp_path / "run" / "checkpoints" / "step_0000003").is_dir()
 
 
-@pytest.mark.parametrize("config", ["configs/debug.yaml", "configs/mmc/pretrain-debug.yaml",
+@pytest.mark.parametrize("config", ["configs/debug.yaml", "configs/debug.yaml+augment", "configs/mmc/pretrain-debug.yaml",
                                     "configs/maskco/pretrain-debug.yaml", "configs/slotcon/pretrain-debug.yaml"])
 def test_interrupted_then_resumed_run_matches_uninterrupted(tmp_path, shards, config):
+    """Also: a resumed run draws the same augmented views as an uninterrupted one (``+augment``: DINO's photometric
+    augmentation on every view, the caption's too), or its parameters would differ."""
     common = ("train.steps=6", "train.checkpoint_every=100", "data.num_workers=1")
+    if config.endswith("+augment"):
+        config = config.removesuffix("+augment")
+        common += ("data.augment.photometric=true", "data.augment.caption_view=true")
     args = lambda run, *extra: ["--config", str(REPO / config), f"run.dir={run}", f"data.shards={shards}",  # noqa: E731
                                 "data.global_size=32", *common, *extra]
     train.main(args(tmp_path / "a"))

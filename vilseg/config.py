@@ -127,11 +127,12 @@ def flatten(cfg: dict, prefix: str = "") -> dict[str, Any]:
 # Defaults live in configs/default.yaml, not here: the schema only says what a value must be. Free-form sub-dicts
 # (model.overrides, objectives) are validated by their consumers (the model factory, the objectives' options).
 
-from typing import Literal  # noqa: E402
+from typing import Annotated, Literal  # noqa: E402
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError  # noqa: E402
 
 Fraction = Field(ge=0.0, le=1.0)
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
 class _Section(BaseModel):
@@ -160,6 +161,18 @@ class MaskingSection(_Section):
     fill: Literal["image", "noise"]
 
 
+class AugmentSection(_Section):
+    photometric: bool
+    caption_view: bool
+    jitter: tuple[Annotated[float, Field(ge=0)], Annotated[float, Field(ge=0)], Annotated[float, Field(ge=0)],
+                  Annotated[float, Field(ge=0, le=0.5)]]
+    jitter_p: float = Fraction
+    grayscale_p: float = Fraction
+    blur_p: tuple[Probability, Probability, Probability]
+    solarize_p: tuple[Probability, Probability, Probability]
+    blur_sigma: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]]
+
+
 class DataSection(_Section):
     shards: str | list[str] | None
     resampled: bool
@@ -177,6 +190,7 @@ class DataSection(_Section):
     max_caption_chars: int = Field(ge=1)
     hard_negative_groups: list[list[str]]
     hard_negative_exclude: list[str]
+    augment: AugmentSection
     masking: MaskingSection
 
 

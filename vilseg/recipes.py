@@ -42,6 +42,7 @@ import numpy as np
 
 RECIPES = {  # name -> training stages (configs), in order; the last stage's export is measured
     "scratch": ["configs/demo.yaml"],
+    "scratch+dense": ["configs/dense/vilseg-demo.yaml"],  # ViL-Seg with region distillation, one stage
     "mmc": ["configs/mmc/pretrain-demo.yaml", "configs/mmc/vilseg-demo.yaml"],
     "mmc_only": ["configs/mmc/pretrain-demo.yaml"],
     "maskco": ["configs/maskco/pretrain-demo.yaml", "configs/maskco/vilseg-demo.yaml"],

@@ -99,6 +99,7 @@ def build_loader(cfg, model, needs: frozenset[str]):
     masks for corruption."""
     from torch.utils.data import DataLoader
 
+    from vilseg.data.augment import Photometric
     from vilseg.data.masking import BlockMasking
     from vilseg.data.multicrop import MultiCrop
     from vilseg.data.stream import make_train_stream
@@ -107,8 +108,13 @@ def build_loader(cfg, model, needs: frozenset[str]):
     global_size = cfg.data.global_size or image_cfg.img_size
     local_size = cfg.data.local_size or global_size // 2
     n_local = cfg.data.n_local if "local_views" in needs else 0
+    captions = "captions" in needs
+    aug = cfg.data.augment
+    photometric = Photometric(tuple(aug.jitter), aug.jitter_p, aug.grayscale_p, tuple(aug.blur_p),
+                              tuple(aug.solarize_p), tuple(aug.blur_sigma)) if aug.photometric else None
     crop = MultiCrop(global_size, local_size, cfg.data.n_global, n_local, cfg.data.global_scale,
-                     cfg.data.local_scale, cfg.data.flip_p, image_cfg.mean, image_cfg.std)
+                     cfg.data.local_scale, cfg.data.flip_p, image_cfg.mean, image_cfg.std, photometric,
+                     intact_first=captions and not aug.caption_view)
     masking = None
     if "corrupted" in needs:
         grid = global_size // image_cfg.patch_size
@@ -116,7 +122,6 @@ def build_loader(cfg, model, needs: frozenset[str]):
     if cfg.data.shards is None:
         raise ValueError("data.shards is not set: give a shard pattern, e.g. data.shards='data/train-{000..009}.tar', "
                          "or (image-only stages) a folder of images")
-    captions = "captions" in needs
     stream = make_train_stream(cfg.data.shards, crop, cfg.data.batch_size, seed=cfg.run.seed,
                                resampled=cfg.data.resampled, shuffle_buffer=cfg.data.shuffle_buffer,
                                captions=captions, swap_groups=cfg.data.hard_negative_groups if captions else None,

@@ -30,7 +30,8 @@ def random_resized_box(rng: np.random.Generator, width: int, height: int, scale:
 
 
 class MultiCrop:
-    """``n_global`` crops at ``global_size`` and ``n_local`` crops at ``local_size``, with random horizontal flips.
+    """``n_global`` crops at ``global_size`` and ``n_local`` crops at ``local_size``, with random horizontal flips
+    and, optionally, DINO's photometric augmentation of each view (:class:`~vilseg.data.augment.Photometric`).
 
     Args:
         global_size, local_size: output sides in pixels (multiples of the patch size).
@@ -38,14 +39,18 @@ class MultiCrop:
         global_scale, local_scale: area fractions of the source image for each kind.
         flip_p: probability of a horizontal flip per crop.
         mean, std: normalisation (the model's ``image.mean``/``image.std``).
+        photometric: the photometric augmentation, or None (crops and flips only).
+        intact_first: leave view 0 photometrically intact (it is paired with the caption, and captions name
+            colours); the other views are still augmented.
     """
 
     def __init__(self, global_size: int, local_size: int, n_global: int = 2, n_local: int = 4,
                  global_scale=(0.5, 1.0), local_scale=(0.1, 0.4), flip_p: float = 0.5,
-                 mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
+                 mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), photometric=None, intact_first: bool = False):
         if n_global < 1:
             raise ValueError("data.n_global must be >= 1 (view 0 is paired with the caption)")
         self.n_global, self.n_local = n_global, n_local
+        self.photometric, self.intact_first = photometric, intact_first
         self.specs = [(global_size, tuple(global_scale))] * n_global + [(local_size, tuple(local_scale))] * n_local
         self.flip_p = flip_p
         self.mean = torch.tensor(mean).view(3, 1, 1)
@@ -55,13 +60,15 @@ class MultiCrop:
         """Returns (views: list of [3, S, S] float tensors, boxes: [V, 4] in [0, 1] source coords, flips: [V] bool)."""
         width, height = image.size
         views, boxes, flips = [], [], []
-        for size, scale in self.specs:
+        for index, (size, scale) in enumerate(self.specs):
             x0, y0, x1, y1 = random_resized_box(rng, width, height, scale)
             crop = image.resize((size, size), Image.BILINEAR, box=(x0, y0, x1, y1))
             flip = bool(rng.random() < self.flip_p)
             if flip:
                 crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
             array = torch.from_numpy(np.asarray(crop, dtype=np.float32) / 255.0).permute(2, 0, 1)
+            if self.photometric is not None and not (index == 0 and self.intact_first):
+                array = self.photometric(array, rng, self.photometric.kind(index, self.n_global))
             views.append((array - self.mean) / self.std)
             boxes.append([x0 / width, y0 / height, x1 / width, y1 / height])
             flips.append(flip)

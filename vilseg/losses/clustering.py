@@ -81,3 +81,25 @@ def align_to_box(maps: torch.Tensor, local_box: torch.Tensor, flipped: torch.Ten
     rois = torch.cat([torch.arange(b, dtype=maps.dtype, device=maps.device)[:, None], box.to(maps.dtype) * scale], 1)
     out = roi_align(maps, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=2, aligned=True)
     return torch.where(flipped.view(b, 1, 1, 1), out.flip(-1), out)
+
+
+def box_in_view(box: torch.Tensor, view_box: torch.Tensor, flipped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where a crop lies in another view: its box in that view's displayed coordinates, and how much of it is inside.
+
+    Args:
+        box: [..., 4] the crop's box (x0, y0, x1, y1) in the source image's [0, 1] coordinates.
+        view_box: [..., 4] the view's box in the same coordinates (broadcast against ``box``).
+        flipped: [...] bool, whether the view was flipped horizontally after cropping.
+
+    Returns:
+        (local, inside): [..., 4] the crop's box in the view's [0, 1] coordinates as the view is displayed (flip
+        applied), clipped to the view; [...] the fraction of the crop's area that lies inside the view.
+    """
+    origin = view_box[..., [0, 1, 0, 1]]
+    size = (view_box[..., [2, 3, 2, 3]] - origin)
+    local = (box - origin) / size
+    clipped = local.clamp(0, 1)
+    area = lambda b: (b[..., 2] - b[..., 0]).clamp_min(0) * (b[..., 3] - b[..., 1]).clamp_min(0)  # noqa: E731
+    inside = area(clipped) / area(local).clamp_min(1e-12)
+    mirrored = torch.stack([1 - clipped[..., 2], clipped[..., 1], 1 - clipped[..., 0], clipped[..., 3]], -1)
+    return torch.where(flipped[..., None], mirrored, clipped), inside

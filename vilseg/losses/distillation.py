@@ -33,3 +33,42 @@ def distillation_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], 
         terms = [-(q * log_probs[v]).sum(-1).mean() for g, q in enumerate(targets)
                  for v in range(len(student)) if v != g]
         return torch.stack(terms).mean()
+
+
+def region_distillation(patch_embed: torch.Tensor, boxes: torch.Tensor, targets: torch.Tensor,
+                        valid: torch.Tensor) -> torch.Tensor:
+    """Region distillation (CLIPSelf, Wu et al. 2024): a crop's embedding, read from the dense patch embeddings of a
+    view that contains it, is pulled toward the global embedding of the crop itself.
+
+    With e(p) the L2-normalised joint-space embedding of patch p of view v (the Segmenter's pooled naming reads the
+    same), RoIAlign_r the average of e over the box r of local crop l in v (bilinear samples, torchvision's adaptive
+    sampling, ``aligned=True``), t_l the teacher's L2-normalised joint-space global embedding of crop l and V the
+    valid (view, crop) pairs:
+
+        L = 1 - 1/|V| sum_{(v, l) in V} cos( RoIAlign_{r(v, l)}(e_v), t_l )
+
+    CLIPSelf pools the raw projected tokens; this pools the normalised ones, as the Segmenter's naming does.
+
+    Args:
+        patch_embed: [B, E, h, w] normalised patch embeddings (gradient flows).
+        boxes: [B, L, 4] each crop's box (x0, y0, x1, y1) in the view's [0, 1] coordinates, as displayed.
+        targets: [B, L, E] normalised targets (no gradient expected).
+        valid: [B, L] bool, which pairs count.
+
+    Returns:
+        the loss; 0 (connected to the graph) when no pair is valid.
+    """
+    from torchvision.ops import roi_align
+
+    b, _, h, w = patch_embed.shape
+    n = boxes.shape[1]
+    scale = torch.tensor([w, h, w, h], dtype=patch_embed.dtype, device=patch_embed.device)
+    index = torch.arange(b, dtype=patch_embed.dtype, device=patch_embed.device).repeat_interleave(n)[:, None]
+    rois = torch.cat([index, boxes.reshape(-1, 4).to(patch_embed.dtype) * scale], 1)
+    pooled = roi_align(patch_embed, rois, output_size=(1, 1), spatial_scale=1.0, sampling_ratio=-1,
+                       aligned=True).flatten(1)  # [B * L, E]
+    cosine = (F.normalize(pooled, dim=-1) * targets.reshape(-1, targets.shape[-1])).sum(-1)
+    mask = valid.reshape(-1)
+    if not mask.any():
+        return 0.0 * pooled.sum()
+    return 1 - cosine[mask].mean()

@@ -6,13 +6,13 @@
       clu: {weight: 1.0, detach: true}
 
 Built-in: ViL-Seg's ``xm``, ``vis``, ``clu`` (:mod:`.vilseg`), MMC's ``mim``, ``msd``, ``gc`` (:mod:`.mmc`),
-``maskco`` (:mod:`.maskco`) and ``slotcon`` (:mod:`.slotcon`).
+``maskco`` (:mod:`.maskco`), ``slotcon`` (:mod:`.slotcon`) and the region distillation ``dense`` (:mod:`.dense`).
 One EMA teacher (:class:`EMATeacher`) serves every objective that needs one.
 """
 from .base import NEEDS, REGISTRY, Objective, build_objectives, parse_options, register
 from .context import Learner, StepContext
 from .teacher import EMATeacher, ema_momentum
-from . import maskco, mmc, slotcon, vilseg  # noqa: E402,F401  (registers the built-in objectives)
+from . import dense, maskco, mmc, slotcon, vilseg  # noqa: E402,F401  (registers the built-in objectives)
 
 __all__ = ["EMATeacher", "Learner", "NEEDS", "Objective", "REGISTRY", "StepContext", "build_objectives",
            "ema_momentum", "parse_options", "register"]

@@ -58,6 +58,13 @@ class StepContext:
         return self.teacher.encode(self.global_views)
 
     @cached_property
+    def teacher_local(self) -> list:
+        """Teacher features of the local views (no gradient)."""
+        if self.teacher is None:
+            raise RuntimeError("an objective asked for the teacher, but none was built (declare 'teacher' in needs)")
+        return self.teacher.encode(self.local_views)
+
+    @cached_property
     def corrupted(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(corrupted global views, their [B, 1, H, W] pixel masks): the patches of ``batch["masks"]`` replaced by
         the same place of the next image in the batch (``data.masking.fill: image``) or by random pixels
