@@ -76,3 +76,13 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     out = x.clone()
     dist.all_reduce(out)
     return out
+
+
+def global_mean(local_sum: torch.Tensor, local_count: torch.Tensor) -> torch.Tensor:
+    """A local sum turned into this process's share of the mean over every process: the sum divided by the count of
+    every process, times the world size for DDP's gradient averaging, so that W processes train exactly as one on
+    the concatenated batch (also when their counts differ). Zero, still in the graph, when the total count is 0."""
+    total = all_reduce_sum(local_count.detach().float())
+    if total == 0:
+        return 0.0 * local_sum
+    return local_sum * world_size() / total

@@ -61,7 +61,8 @@ def overlap_boxes(box_a: torch.Tensor, box_b: torch.Tensor, min_size: float = 1e
     return to_local(box_a), to_local(box_b), valid
 
 
-def align_to_box(maps: torch.Tensor, local_box: torch.Tensor, flipped: torch.Tensor, size: int) -> torch.Tensor:
+def align_to_box(maps: torch.Tensor, local_box: torch.Tensor, flipped: torch.Tensor, size: int,
+                 sampling_ratio: int = -1) -> torch.Tensor:
     """RoIAligns each view's map onto its overlap box and undoes the view's horizontal flip.
 
     Args:
@@ -69,6 +70,8 @@ def align_to_box(maps: torch.Tensor, local_box: torch.Tensor, flipped: torch.Ten
         local_box: [B, 4] overlap box in this view's unflipped [0, 1] coordinates.
         flipped: [B] bool, whether this view was flipped horizontally after cropping.
         size: output grid side S.
+        sampling_ratio: RoIAlign's samples per output cell and side; -1 (torchvision's default, SlotCon's
+            authors' choice) adapts them to the box, ceil(box side / S).
 
     Returns:
         [B, C, S, S] maps over the shared box, in the source image's orientation.
@@ -79,7 +82,8 @@ def align_to_box(maps: torch.Tensor, local_box: torch.Tensor, flipped: torch.Ten
     box[flipped, 0], box[flipped, 2] = 1 - local_box[flipped, 2], 1 - local_box[flipped, 0]
     scale = torch.tensor([w, h, w, h], dtype=maps.dtype, device=maps.device)
     rois = torch.cat([torch.arange(b, dtype=maps.dtype, device=maps.device)[:, None], box.to(maps.dtype) * scale], 1)
-    out = roi_align(maps, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=2, aligned=True)
+    out = roi_align(maps, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=sampling_ratio,
+                    aligned=True)
     return torch.where(flipped.view(b, 1, 1, 1), out.flip(-1), out)
 
 
@@ -103,3 +107,51 @@ def box_in_view(box: torch.Tensor, view_box: torch.Tensor, flipped: torch.Tensor
     inside = area(clipped) / area(local).clamp_min(1e-12)
     mirrored = torch.stack([1 - clipped[..., 2], clipped[..., 1], 1 - clipped[..., 0], clipped[..., 3]], -1)
     return torch.where(flipped[..., None], mirrored, clipped), inside
+
+
+def patch_centres_in(grid: tuple[int, int], box: torch.Tensor, flipped: torch.Tensor, other_box: torch.Tensor,
+                     other_flipped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the patch centres of one view fall in another view of the same image.
+
+    Args:
+        grid: (h, w) patch grid of the first view.
+        box, other_box: [B, 4] the two views' boxes in the source image's [0, 1] coordinates.
+        flipped, other_flipped: [B] bool, their horizontal flips.
+
+    Returns:
+        (u, v): [B, h, w] each patch centre's coordinates in the other view as displayed ([0, 1) inside it).
+    """
+    h, w = grid
+    v = ((torch.arange(h, device=box.device, dtype=box.dtype) + 0.5) / h)[None, :, None].expand(len(box), h, w)
+    u = ((torch.arange(w, device=box.device, dtype=box.dtype) + 0.5) / w)[None, None, :].expand(len(box), h, w)
+    u = torch.where(flipped[:, None, None], 1 - u, u)  # displayed -> the crop's own orientation
+    x = box[:, 0, None, None] + u * (box[:, 2] - box[:, 0])[:, None, None]
+    y = box[:, 1, None, None] + v * (box[:, 3] - box[:, 1])[:, None, None]
+    u2 = (x - other_box[:, 0, None, None]) / (other_box[:, 2] - other_box[:, 0])[:, None, None]
+    v2 = (y - other_box[:, 1, None, None]) / (other_box[:, 3] - other_box[:, 1])[:, None, None]
+    return torch.where(other_flipped[:, None, None], 1 - u2, u2), v2
+
+
+def region_in_view(mask: torch.Tensor, box: torch.Tensor, flipped: torch.Tensor, other_box: torch.Tensor,
+                   other_flipped: torch.Tensor, other_grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A patch region of one view, found in another view of the same image.
+
+    Args:
+        mask: [B, h, w] bool region on the first view's patch grid (as displayed).
+        box, flipped, other_box, other_flipped: the two views' crops (see :func:`patch_centres_in`).
+        other_grid: the other view's patch grid.
+
+    Returns:
+        (region, visible): [B, h', w'] bool, the other view's patches whose centre falls on a patch of the region
+        (nearest patch); [B] the fraction of the region's patches whose centre lies inside the other view.
+    """
+    h, w = mask.shape[-2:]
+    u, v = patch_centres_in(other_grid, other_box, other_flipped, box, flipped)  # other's centres in this view
+    inside = (u >= 0) & (u < 1) & (v >= 0) & (v < 1)
+    cols = (u * w).floor().long().clamp(0, w - 1)
+    rows = (v * h).floor().long().clamp(0, h - 1)
+    batch = torch.arange(len(mask), device=mask.device)[:, None, None]
+    region = mask[batch, rows, cols] & inside
+    u1, v1 = patch_centres_in((h, w), box, flipped, other_box, other_flipped)
+    seen = ((u1 >= 0) & (u1 < 1) & (v1 >= 0) & (v1 < 1) & mask).flatten(1).sum(1)
+    return region, seen.float() / mask.flatten(1).sum(1).clamp_min(1)

@@ -30,8 +30,9 @@ class ClusterHead(nn.Module):
 
 
 class SlotHead(nn.Module):
-    """SlotCon's dense projector and K learnable prototypes: patch tokens -> (normalised projected features, their
-    cosine to every prototype). Part of the model when ``n_prototypes > 0``: trained by the ``slotcon`` objective,
+    """SlotCon's dense projector and K learnable prototypes: patch tokens -> (projected features, their cosine to
+    every prototype). The features are returned as the projector gives them: SlotCon's slots pool them raw (its
+    authors' ``SemanticGrouping``), and only the cosine normalises them. Part of the model when ``n_prototypes > 0``: trained by the ``slotcon`` objective,
     exported with the model, and the ``slots`` grouping of the Segmenter reads it (the arg-max prototype per patch).
 
     Args:
@@ -47,9 +48,10 @@ class SlotHead(nn.Module):
         self.prototypes = nn.Parameter(torch.randn(n_prototypes, dim) * 0.02)
 
     def forward(self, patch_tokens: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B, N, D] -> ([B, dim, h, w] L2-normalised features, [B, K, h, w] cosines to the prototypes)."""
+        """[B, N, D] -> ([B, dim, h, w] projected features, [B, K, h, w] cosines to the prototypes)."""
         from .image_encoder import tokens_to_map
 
-        x = tokens_to_map(nn.functional.normalize(self.projector(patch_tokens), dim=-1), grid)
-        dots = torch.einsum("kd,bdhw->bkhw", nn.functional.normalize(self.prototypes, dim=-1), x)
+        x = tokens_to_map(self.projector(patch_tokens), grid)
+        dots = torch.einsum("kd,bdhw->bkhw", nn.functional.normalize(self.prototypes, dim=-1),
+                            nn.functional.normalize(x, dim=1))
         return x, dots

@@ -6,9 +6,10 @@ A dense projector maps the encoder's patch tokens to a D-dim space; K learnable 
 
 - grouping: the EMA teacher's centred, sharpened prototype assignment of each pixel of one view is the target of the
   student's assignment of the same pixel in the other view; both maps are RoIAligned onto the views' overlap with
-  the flip undone (:func:`~vilseg.losses.align_to_box`), and pairs without an overlap are left out;
-- slot contrast: slots are the attention-weighted means of the projected patches (attention = softmax over the
-  prototypes); a slot is valid in a view if its prototype is the arg-max at one patch at least. Each student slot
+  the flip undone (:func:`~vilseg.losses.align_to_box`, RoIAlign with adaptive sampling as the authors use it), and
+  pairs without an overlap are left out;
+- slot contrast: slots are the attention-weighted means of the projected patches, raw as the projector gives them
+  (attention = softmax over the prototypes); a slot is valid in a view if its prototype is the arg-max at one patch at least. Each student slot
   valid in both views, through a predictor, is contrasted against every valid teacher slot of the other view,
   gathered from all processes; the positive is the same image's slot of the same prototype.
 
@@ -24,18 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..distributed import all_gather_no_grad, all_reduce_mean, all_reduce_sum, rank, world_size
+from ..distributed import all_gather_no_grad, all_reduce_mean, global_mean, rank
 from ..losses import align_to_box, attentive_pool, grouping_loss, overlap_boxes, slot_contrast
 from ..models.heads import mlp
 from .base import Objective, register
-
-
-def _global_mean(local_sum: torch.Tensor, local_count: torch.Tensor) -> torch.Tensor:
-    """A local sum turned into this process's share of the mean over every process (see the module docstring)."""
-    total = all_reduce_sum(local_count.detach().float())
-    if total == 0:
-        return 0.0 * local_sum
-    return local_sum * world_size() / total
 
 
 def valid_slots(dots: torch.Tensor) -> torch.Tensor:
@@ -98,7 +91,7 @@ class SlotCon(Objective):
         global_index = torch.arange(b * k, device=q_slots.device)[chosen] + rank() * b * k
         labels = keys_valid.long().cumsum(0)[global_index] - 1  # the positive's row among the valid keys
         loss = slot_contrast(queries, keys, labels, self.options.contrast_temp)
-        return _global_mean(loss * len(queries), torch.tensor(float(len(queries)), device=loss.device))
+        return global_mean(loss * len(queries), torch.tensor(float(len(queries)), device=loss.device))
 
     def forward(self, ctx) -> dict[str, torch.Tensor]:
         if ctx.n_global < 2:
@@ -119,7 +112,7 @@ class SlotCon(Objective):
             pixels = s.shape[0] * o.align_size ** 2
             term = grouping_loss(s, t, self.center, o.student_temp, o.teacher_temp) * pixels if len(s) \
                 else 0.0 * student[a][1].sum()
-            group = group + _global_mean(term, torch.tensor(float(pixels), device=s.device))
+            group = group + global_mean(term, torch.tensor(float(pixels), device=s.device))
         # slot contrast
         slots_s = [attentive_pool(x, d, o.teacher_temp) for x, d in student]
         with torch.no_grad():

@@ -106,8 +106,9 @@ class Clustering(Objective):
         boxes, flips = ctx.batch["boxes"], ctx.batch["flips"]
         local_a, local_b, valid = overlap_boxes(boxes[:, 0], boxes[:, 1])
         size = self.options.align_size
-        a = align_to_box(probs[0], local_a, flips[:, 0], size)  # [B, C, S, S]
-        b = align_to_box(probs[1], local_b, flips[:, 1], size)
+        # 2 samples per cell and side: the setting every measured ViL-Seg run used (SlotCon adapts them to the box)
+        a = align_to_box(probs[0], local_a, flips[:, 0], size, sampling_ratio=2)  # [B, C, S, S]
+        b = align_to_box(probs[1], local_b, flips[:, 1], size, sampling_ratio=2)
         c = a.shape[1]
         a = a[valid].permute(0, 2, 3, 1).reshape(-1, c)
         b = b[valid].permute(0, 2, 3, 1).reshape(-1, c)
