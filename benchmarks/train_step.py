@@ -28,6 +28,8 @@ from torch.utils.flop_counter import FlopCounterMode
 OBJECTIVE_SETS = {  # name -> objectives config; "clip" is the baseline every ratio is taken against
     "clip": {"xm": {}},
     "vilseg": {"xm": {}, "vis": {"weight": 0.5, "dim": 128, "hidden": 256}, "clu": {"detach": True}},
+    "vilseg+dense": {"xm": {}, "vis": {"weight": 0.5, "dim": 128, "hidden": 256}, "clu": {"detach": True},
+                     "dense": {}},  # the scratch+dense recipe's stage (region distillation)
     "mmc": {"mim": {}, "msd": {}, "gc": {}},
     "mmc+vilseg": {"xm": {}, "vis": {"weight": 0.5, "dim": 128, "hidden": 256}, "clu": {"detach": True},
                    "mim": {}, "msd": {}, "gc": {}},

@@ -121,3 +121,16 @@ def test_stage_names_keep_two_methods_configs_of_one_file_name_apart():
     assert stage_name("configs/mmc/pretrain-demo.yaml") != stage_name("configs/maskco/pretrain-demo.yaml")
     chains = {"+".join(stage_name(c) for c in stages) for stages in RECIPES.values()}
     assert len(chains) == len(RECIPES)  # no two recipes train (and reuse) the same stages
+
+
+def test_a_stage_folder_trained_with_another_config_is_refused(tmp_path):
+    from vilseg.config import load_config, save_config, validate_training_config
+    from vilseg.recipes import check_stage_config, stage_steps
+
+    args = [f"run.dir={tmp_path}", "data.shards=x.tar", "run.seed=0", "train.steps=1200"]
+    check_stage_config(tmp_path, "configs/demo.yaml", args)  # nothing trained there yet
+    save_config(validate_training_config(load_config("configs/demo.yaml", args)), tmp_path / "config.yaml")
+    check_stage_config(tmp_path, "configs/demo.yaml", args)  # the same settings: reused or resumed
+    with pytest.raises(ValueError, match=r"train.steps: 1200 then, 600 now"):
+        check_stage_config(tmp_path, "configs/demo.yaml", args[:3] + ["train.steps=600"])
+    assert stage_steps("configs/demo.yaml", 2) == 1200 and stage_steps("configs/mmc/pretrain-demo.yaml", 4) == 800

@@ -44,6 +44,7 @@ RECIPES = {  # name -> training stages (configs), in order; the last stage's exp
     "scratch": ["configs/demo.yaml"],
     "scratch+dense": ["configs/dense/vilseg-demo.yaml"],  # ViL-Seg with region distillation, one stage
     "mmc": ["configs/mmc/pretrain-demo.yaml", "configs/mmc/vilseg-demo.yaml"],
+    "mmc+dense": ["configs/mmc/pretrain-demo.yaml", "configs/dense/mmc-vilseg-demo.yaml"],
     "mmc_only": ["configs/mmc/pretrain-demo.yaml"],
     "maskco": ["configs/maskco/pretrain-demo.yaml", "configs/maskco/vilseg-demo.yaml"],
     "slotcon": ["configs/slotcon/pretrain-demo.yaml", "configs/slotcon/vilseg-demo.yaml"],
@@ -90,13 +91,14 @@ def train_stages(recipe: str, seed: int, pattern: str, root: Path, overrides: li
         chain.append(stage_name(config) + (f"@x{scale:g}" if scale != 1 else ""))
         run_dir = root / "stages" / "+".join(chain) / f"seed{seed}"
         done = run_dir / "minutes.json"
+        args = ["--config", config, f"run.dir={run_dir}", f"data.shards={pattern}", f"run.seed={seed}",
+                f"train.steps={stage_steps(config, scale)}", *overrides]
+        if previous is not None:
+            args.append(f"model.init_from={previous}")
+        check_stage_config(run_dir, config, args[2:])
         if done.is_file() and (run_dir / "final" / "model.safetensors").is_file():
             print(f"reusing {run_dir} (trained earlier)")
         else:
-            args = ["--config", config, f"run.dir={run_dir}", f"data.shards={pattern}", f"run.seed={seed}",
-                    f"train.steps={stage_steps(config, scale)}", *overrides]
-            if previous is not None:
-                args.append(f"model.init_from={previous}")
             args.append("--resume")  # last: it takes an optional folder
             start = time.time()
             train_main(args)
@@ -109,6 +111,29 @@ def train_stages(recipe: str, seed: int, pattern: str, root: Path, overrides: li
         previous = run_dir / "final"
         minutes += json.loads(done.read_text())["minutes"]
     return previous, minutes
+
+
+def check_stage_config(run_dir: Path, config: str, overrides: list[str]) -> None:
+    """Refuses to reuse or resume a stage folder that an earlier run trained with another config (a config file
+    edited since, or other overrides): its results would be reported under the new settings.
+
+    Raises:
+        ValueError: naming the folder and the keys that differ.
+    """
+    import yaml
+
+    from .config import flatten, load_config, validate_training_config
+
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return
+    old = flatten(yaml.safe_load(saved.read_text()))
+    new = flatten(validate_training_config(load_config(config, overrides)))
+    # keys the schema gained after that run are left out: their defaults keep the behaviour it had
+    keys = sorted(k for k in old if str(old[k]) != str(new.get(k)))
+    if keys:
+        shown = "; ".join(f"{k}: {old.get(k)!r} then, {new.get(k)!r} now" for k in keys[:6])
+        raise ValueError(f"{run_dir} was trained with another config ({shown}); delete it or pass another --out")
 
 
 def has_text(recipe: str) -> bool:
