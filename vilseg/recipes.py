@@ -226,8 +226,17 @@ def rows(recipe: str, seed: int, report: dict, minutes: float) -> tuple[dict | N
 
 
 def append_row(path: Path, columns: list[str], row: dict, key: tuple[str, ...] = ("recipe", "seed")) -> None:
-    """Appends ``row`` to a CSV (header written if new); an earlier row with the same ``key`` columns is replaced."""
+    """Appends ``row`` to a CSV (header written if new); an earlier row with the same ``key`` columns is replaced.
+    Runs side by side may finish together: the read-modify-write holds a lock on ``<csv>.lock``."""
+    import fcntl
+
     path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _append_row(path, columns, row, key)
+
+
+def _append_row(path: Path, columns: list[str], row: dict, key: tuple[str, ...]) -> None:
     kept = []
     if path.is_file():
         with path.open() as f:
