@@ -28,3 +28,13 @@ def test_demo_writes_metrics_for_seen_and_held_out_queries_and_overlays(tmp_path
     assert (tmp_path / "out" / "train" / "final" / "model.safetensors").is_file()
     table = demo.summarize([tmp_path / "out"])
     assert "| out |" in table
+
+
+def test_calibration_prefers_the_fastest_read_out_within_one_point_of_the_best():
+    from vilseg.demo import CANDIDATES, prefer_fastest
+
+    assert CANDIDATES[0] == ("clusters", "pool")  # fastest first
+    pool, reencode = CANDIDATES
+    assert prefer_fastest({pool: 25.4, reencode: 26.2}) == pool  # within 1 point: the fast one
+    assert prefer_fastest({pool: 7.9, reencode: 26.2}) == reencode  # the demo model today
+    assert prefer_fastest({pool: 30.0, reencode: 26.2}) == pool
