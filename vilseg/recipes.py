@@ -26,7 +26,7 @@ step measured by benchmarks/train_step.py; see docs/results.md). Each run measur
 
 Rows are appended to docs/results/backbones.csv (recipes with a text side) and docs/results/probes.csv (every
 recipe); with ``--scale F`` (every stage's steps times F: the compute-scaling curve) to docs/results/scaling.csv,
-with the total steps in a ``steps`` column. Every stage runs with ``--resume``: a recipe killed part-way continues
+with the compute (``budget``, in ViL-Seg demo steps' FLOPs: 600 x F) and the optimizer steps of all stages. Every stage runs with ``--resume``: a recipe killed part-way continues
 from its stage's latest checkpoint when the same command is run again; everything else goes to OUT/<recipe>/seed<seed>/report.json with the probes' histogram PNG. Stages are
 trained under OUT/stages/ and shared between recipes with the same first stages (see :func:`train_stages`).
 """
@@ -50,7 +50,8 @@ RECIPES = {  # name -> training stages (configs), in order; the last stage's exp
     "slotcon": ["configs/slotcon/pretrain-demo.yaml", "configs/slotcon/vilseg-demo.yaml"],
     "slotcon_only": ["configs/slotcon/slots-demo.yaml"],  # SlotCon's slots, named through a caption-trained projection
 }
-SCALING_COLUMNS = ["recipe", "seed", "steps", "miou_seen", "miou_heldout", "miou_seen_pool", "miou_heldout_pool",
+BUDGET = 600  # every recipe at --scale 1 costs what 600 ViL-Seg demo steps cost (FLOPs, docs/results.md)
+SCALING_COLUMNS = ["recipe", "seed", "budget", "steps", "miou_seen", "miou_heldout", "miou_seen_pool", "miou_heldout_pool",
                    "patch_shape_acc", "cpu_minutes"]
 BACKBONE_COLUMNS = ["recipe", "seed", "miou_seen", "miou_heldout", "miou_seen_pool", "miou_heldout_pool",
                     "patch_shape_acc", "prompt_patch_miou", "intra_inter_overlap", "cpu_minutes"]
@@ -271,6 +272,41 @@ def summarize(path: Path) -> str:
     return "\n".join(lines)
 
 
+def plot_scaling(path: Path, out: Path) -> Path:
+    """scaling.csv -> a PNG: held-out and seen mIoU against training steps, per recipe, under both read-outs
+    (re-encoded segments: solid; pooled patch embeddings: dashed); one marker per seed, the line through the means."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with path.open() as f:
+        table = list(csv.DictReader(f))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (split, title) in zip(axes, (("heldout", "held-out queries"), ("seen", "seen queries"))):
+        for i, recipe in enumerate(dict.fromkeys(r["recipe"] for r in table)):
+            rows = [r for r in table if r["recipe"] == recipe]
+            steps = sorted({int(r["budget"]) for r in rows})
+            for column, style, readout in ((f"miou_{split}", "-", "re-encoded"), (f"miou_{split}_pool", "--", "pooled")):
+                means = [np.mean([float(r[column]) for r in rows if int(r["budget"]) == s]) for s in steps]
+                ax.plot(steps, means, style, color=colours[i % len(colours)], label=f"{recipe}, {readout}")
+                ax.scatter([int(r["budget"]) for r in rows], [float(r[column]) for r in rows], s=12,
+                           color=colours[i % len(colours)])
+        ax.set_xscale("log", base=2)
+        ticks = sorted({int(r["budget"]) for r in table})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.set_xlabel("training compute (ViL-Seg demo steps' FLOPs)")
+        ax.set_ylabel("mIoU")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", choices=list(RECIPES))
@@ -285,10 +321,14 @@ def main(argv: list[str] | None = None) -> dict:
                         help="write the row to scaling.csv even at --scale 1 (the curve's first point)")
     parser.add_argument("--skip-train", action="store_true", help="measure OUT/<recipe>/seed<seed>'s last export")
     parser.add_argument("--summarize", action="store_true", help="print the Markdown tables of the CSVs")
+    parser.add_argument("--plot-scaling", action="store_true", help="draw RESULTS/scaling.png from scaling.csv")
     parser.add_argument("--probe", type=Path, help="print the encoder probes of this model (no training)")
     parser.add_argument("--split", default="eval", help="with --probe: the split of --data to probe on")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every stage")
     args = parser.parse_args(argv)
+    if args.plot_scaling:
+        print(plot_scaling(args.results / "scaling.csv", args.results / "scaling.png"))
+        return {}
     if args.summarize:
         tables = {name: summarize(args.results / f"{name}.csv") for name in ("backbones", "probes")
                   if (args.results / f"{name}.csv").is_file()}
@@ -330,9 +370,9 @@ def main(argv: list[str] | None = None) -> dict:
     backbone, probe = rows(args.recipe, args.seed, report, minutes)
     if args.scale != 1 or args.scaling_row:
         steps = sum(stage_steps(c, args.scale) for c in RECIPES[args.recipe])
-        row = {"steps": steps, **{k: v for k, v in (backbone or {}).items() if k in SCALING_COLUMNS}}
+        row = {"budget": round(BUDGET * args.scale), "steps": steps, **{k: v for k, v in (backbone or {}).items() if k in SCALING_COLUMNS}}
         append_row(args.results / "scaling.csv", SCALING_COLUMNS, {c: row.get(c, probe.get(c)) for c in SCALING_COLUMNS},
-                   key=("recipe", "seed", "steps"))
+                   key=("recipe", "seed", "budget"))
         print(json.dumps(row, indent=1))
         return report
     if backbone is not None:
