@@ -126,3 +126,32 @@ def test_dense_objective_trains_the_patches_and_the_projection_toward_the_teache
     assert "dense" in teacher.heads  # the target comes from the teacher's copy of the projection
     with pytest.raises(ValueError, match="min_inside"):
         build_objectives({"dense": {"min_inside": 0.0}}, model)
+
+
+def test_patch_aligned_infonce_equals_a_naive_loop_forward_and_gradient():
+    from vilseg.losses import patch_aligned_infonce
+
+    g = torch.Generator().manual_seed(4)
+    b, n, e = 3, 5, 4
+    patches = F.normalize(torch.randn(b, n, e, generator=g, dtype=torch.float64), dim=-1).requires_grad_()
+    text = F.normalize(torch.randn(b, e, generator=g, dtype=torch.float64), dim=-1).requires_grad_()
+    neg = F.normalize(torch.randn(b, e, generator=g, dtype=torch.float64), dim=-1)
+    valid = torch.tensor([True, False, True])
+    scale = torch.tensor(7.0, dtype=torch.float64)
+
+    def phi(i, t):  # PACL's compatibility of image i with text vector t, one patch at a time
+        weights = torch.stack([patches[i, k] @ t for k in range(n)]).softmax(0)
+        pooled = sum(weights[k] * patches[i, k] for k in range(n))
+        return pooled @ t / pooled.norm()
+
+    loss = 0.0
+    for i in range(b):
+        row = [scale * phi(i, text[j]) for j in range(b)] + [scale * phi(i, neg[j]) for j in range(b) if valid[j]]
+        loss = loss + 0.5 * -torch.log_softmax(torch.stack(row), 0)[i] / b
+        col = torch.stack([scale * phi(k, text[i]) for k in range(b)])
+        loss = loss + 0.5 * -torch.log_softmax(col, 0)[i] / b
+    fast = patch_aligned_infonce(patches, text, scale, neg, valid)
+    torch.testing.assert_close(fast, loss)
+    for wrt in (patches, text):
+        torch.testing.assert_close(torch.autograd.grad(fast, wrt, retain_graph=True)[0],
+                                   torch.autograd.grad(loss, wrt, retain_graph=True)[0])

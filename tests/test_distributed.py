@@ -14,6 +14,7 @@ SETS = {
     # queue of 40 < 3 steps x 2 views x 8 keys: the ring buffer wraps, so the order keys enter it is checked too
     "maskco": {"maskco": {"dim": 8, "hidden": 16, "queue_size": 40}},
     "slotcon": {"slotcon": {"hidden": 16, "align_size": 4}},
+    "dense": {"xm": {}, "dense": {}, "pacl": {}},  # region distillation and patch-aligned contrast
 }
 STEPS = 3
 

@@ -43,6 +43,7 @@ import numpy as np
 RECIPES = {  # name -> training stages (configs), in order; the last stage's export is measured
     "scratch": ["configs/demo.yaml"],
     "scratch+dense": ["configs/dense/vilseg-demo.yaml"],  # ViL-Seg with region distillation, one stage
+    "scratch+pacl": ["configs/dense/vilseg-pacl-demo.yaml"],  # ViL-Seg with PACL's patch-aligned contrast
     "mmc": ["configs/mmc/pretrain-demo.yaml", "configs/mmc/vilseg-demo.yaml"],
     "mmc+dense": ["configs/mmc/pretrain-demo.yaml", "configs/dense/mmc-vilseg-demo.yaml"],
     "mmc_only": ["configs/mmc/pretrain-demo.yaml"],

@@ -97,3 +97,54 @@ def global_contrast(query: torch.Tensor, key: torch.Tensor, temperature: float) 
     keys = all_gather_no_grad(key.detach())  # [W*B, D]
     labels = _labels(query.shape[0], query.device)
     return 2 * temperature * F.cross_entropy(query @ keys.t() / temperature, labels)
+
+
+def patch_text_compatibility(patches: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """PACL's compatibility of every image with every text: each text attends over the image's patches with the
+    softmax of their cosines, and the attended embedding's cosine to the text is the score.
+
+    With e_n the L2-normalised patch embeddings of an image and t a normalised text embedding:
+
+        a_n = softmax_n(e_n . t),   phi(x, t) = cos( sum_n a_n e_n , t )
+
+    Args:
+        patches: [P, N, E] normalised patch embeddings of P images.
+        text: [T, E] normalised text embeddings.
+
+    Returns:
+        [P, T] scores.
+    """
+    sim = torch.einsum("pne,te->ptn", patches, text)
+    pooled = torch.einsum("ptn,pne->pte", sim.softmax(-1), patches)
+    return (F.normalize(pooled, dim=-1) * text[None]).sum(-1)
+
+
+def patch_aligned_infonce(patches: torch.Tensor, text_embed: torch.Tensor, logit_scale: torch.Tensor,
+                          neg_text_embed: torch.Tensor | None = None, neg_valid: torch.Tensor | None = None
+                          ) -> torch.Tensor:
+    """PACL (Mukhoti et al., CVPR 2023): CLIP's symmetric InfoNCE with the patch-level compatibility
+    :func:`patch_text_compatibility` in place of the global embeddings' cosine, so that the patches themselves are
+    aligned with the caption:
+
+        L = 1/2 * ( CE(s * phi(X_r, T), y_r) + CE(s * phi(X, T_r)^T, y_r) )
+
+    over the images X and captions T of every process (gradients kept, as :func:`cross_modal_infonce`), with the
+    NegCLIP hard negatives appended to the image->text columns as there.
+
+    Args:
+        patches: [B, N, E] normalised patch embeddings of this process's images.
+        text_embed: [B, E] normalised caption embeddings.
+        logit_scale: scalar, exp of the learnable log scale.
+        neg_text_embed, neg_valid: optional hard negatives [B, E] and their validity [B].
+    """
+    all_patches = all_gather_with_grad(patches)
+    all_txt = all_gather_with_grad(text_embed)
+    labels = _labels(patches.shape[0], patches.device)
+    logits_i = logit_scale * patch_text_compatibility(patches, all_txt)  # [B, W*B]
+    if neg_text_embed is not None:
+        all_neg = all_gather_with_grad(neg_text_embed)
+        valid = all_gather_no_grad(neg_valid.to(all_neg.dtype)) > 0.5
+        neg_logits = (logit_scale * patch_text_compatibility(patches, all_neg)).masked_fill(~valid[None], float("-inf"))
+        logits_i = torch.cat([logits_i, neg_logits], 1)
+    logits_t = logit_scale * patch_text_compatibility(all_patches, text_embed).t()  # [B, W*B]
+    return 0.5 * (F.cross_entropy(logits_i, labels) + F.cross_entropy(logits_t, labels))

@@ -1,4 +1,7 @@
-"""Region distillation (``dense``): teaches the patch embeddings what the image embedding knows, so that a segment
+"""Two ways to teach the patch embeddings what the image embedding knows: region distillation (``dense``) and
+patch-aligned contrast with the captions (``pacl``).
+
+Region distillation (``dense``) teaches the patch embeddings what the image embedding knows, so that a segment
 named by its pooled patch embeddings is named as well as by re-encoding it. After CLIPSelf (Wu et al., ICLR 2024),
 and the dense reading of MMC's "transferring semantics from global to local features".
 
@@ -20,7 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..losses import box_in_view, region_distillation
+from ..distributed import global_mean
+from ..losses import box_in_view, patch_aligned_infonce, region_distillation
 from ..models.image_encoder import tokens_to_map
 from .base import Objective, register
 
@@ -62,5 +66,33 @@ class RegionDistillation(Objective):
             box, inside = box_in_view(boxes[:, g:], boxes[:, v:v + 1], flips[:, v:v + 1].expand(-1, boxes.shape[1] - g))
             local_boxes.append(box)
             valid.append(inside >= self.options.min_inside)
-        loss = region_distillation(torch.cat(maps), torch.cat(local_boxes), targets.repeat(g, 1, 1), torch.cat(valid))
-        return {"dense": loss}
+        valid = torch.cat(valid)
+        loss = region_distillation(torch.cat(maps), torch.cat(local_boxes), targets.repeat(g, 1, 1), valid)
+        count = valid.sum().float()  # the mean over the pairs of every process (DDP = one process on the whole batch)
+        return {"dense": global_mean(loss * count, count)}
+
+
+@register
+class PatchTextAlignment(Objective):
+    """PACL's patch-aligned contrast (:func:`~vilseg.losses.patch_aligned_infonce`) between the caption's view's
+    joint-space patch embeddings (normalised, as the Segmenter's pooled naming reads them) and its caption, with the
+    hard-negative captions when the data makes them. It shares the model's logit scale with ``xm``.
+
+    Deviation from PACL, named: PACL trains a vision embedder on a frozen CLIP's patch tokens; here the patch
+    embeddings are the model's own joint projection of its patch tokens, trained with the encoder."""
+
+    name = "pacl"
+    needs = frozenset({"captions"})
+
+    @dataclass
+    class Options:
+        pass
+
+    def model_parts(self) -> set[str]:
+        return {"image_encoder", "image_proj", "text_encoder", "text_proj", "logit_scale"}
+
+    def forward(self, ctx) -> dict[str, torch.Tensor]:
+        feats = ctx.student_global[0]
+        patches = F.normalize(ctx.model.image_proj(feats.patch_tokens), dim=-1)
+        text, negatives, valid = ctx.text
+        return {"pacl": patch_aligned_infonce(patches, text, ctx.model.logit_scale.exp(), negatives, valid)}
