@@ -86,6 +86,8 @@ def train_stages(recipe: str, seed: int, pattern: str, root: Path, overrides: li
     (``minutes.json`` then estimates the stage's minutes from the last session's pace). At ``scale`` != 1 every stage takes
     ``scale`` times its steps (schedules stretched with it), and its folder name says so (``demo@x2``).
     """
+    import fcntl
+
     from .train import main as train_main
 
     previous, minutes, chain = None, 0.0, []
@@ -97,19 +99,22 @@ def train_stages(recipe: str, seed: int, pattern: str, root: Path, overrides: li
                 f"train.steps={stage_steps(config, scale)}", *overrides]
         if previous is not None:
             args.append(f"model.init_from={previous}")
-        check_stage_config(run_dir, config, args[2:])
-        if done.is_file() and (run_dir / "final" / "model.safetensors").is_file():
-            print(f"reusing {run_dir} (trained earlier)")
-        else:
-            args.append("--resume")  # last: it takes an optional folder
-            start = time.time()
-            train_main(args)
-            minutes_run = (time.time() - start) / 60
-            summary = json.loads((run_dir / "train_summary.json").read_text())
-            if summary["steps_this_session"] < summary["steps"] and summary["seconds_per_step_after_warmup"]:
-                # resumed: the earlier sessions' time is gone; estimate the whole stage at this session's pace
-                minutes_run = summary["seconds_per_step_after_warmup"] * summary["steps"] / 60
-            done.write_text(json.dumps({"minutes": minutes_run}))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(run_dir / ".stage.lock", "w") as lock:  # two recipes that share this stage: one trains it
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            check_stage_config(run_dir, config, args[2:])
+            if done.is_file() and (run_dir / "final" / "model.safetensors").is_file():
+                print(f"reusing {run_dir} (trained earlier)")
+            else:
+                args.append("--resume")  # last: it takes an optional folder
+                start = time.time()
+                train_main(args)
+                minutes_run = (time.time() - start) / 60
+                summary = json.loads((run_dir / "train_summary.json").read_text())
+                if summary["steps_this_session"] < summary["steps"] and summary["seconds_per_step_after_warmup"]:
+                    # resumed: the earlier sessions' time is gone; estimate the whole stage at this session's pace
+                    minutes_run = summary["seconds_per_step_after_warmup"] * summary["steps"] / 60
+                done.write_text(json.dumps({"minutes": minutes_run}))
         previous = run_dir / "final"
         minutes += json.loads(done.read_text())["minutes"]
     return previous, minutes
