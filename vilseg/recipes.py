@@ -26,9 +26,11 @@ step measured by benchmarks/train_step.py; see docs/results.md). Each run measur
 
 Rows are appended to docs/results/backbones.csv (recipes with a text side) and docs/results/probes.csv (every
 recipe); with ``--scale F`` (every stage's steps times F: the compute-scaling curve) to docs/results/scaling.csv,
-with the compute (``budget``, in ViL-Seg demo steps' FLOPs: 600 x F) and the optimizer steps of all stages. Every stage runs with ``--resume``: a recipe killed part-way continues
-from its stage's latest checkpoint when the same command is run again; everything else goes to OUT/<recipe>/seed<seed>/report.json with the probes' histogram PNG. Stages are
-trained under OUT/stages/ and shared between recipes with the same first stages (see :func:`train_stages`).
+with the compute (``budget``, in ViL-Seg demo steps' FLOPs: 600 x F) and the optimizer steps of all stages. Every
+stage runs with ``--resume``: a recipe killed part-way continues from its stage's latest checkpoint when the same
+command is run again; everything else goes to OUT/<recipe>/seed<seed>/report.json with the probes' histogram PNG.
+Stages are trained under OUT/stages/ and shared between recipes with the same first stages (see
+:func:`train_stages`).
 """
 from __future__ import annotations
 
@@ -52,8 +54,8 @@ RECIPES = {  # name -> training stages (configs), in order; the last stage's exp
     "slotcon_only": ["configs/slotcon/slots-demo.yaml"],  # SlotCon's slots, named through a caption-trained projection
 }
 BUDGET = 600  # every recipe at --scale 1 costs what 600 ViL-Seg demo steps cost (FLOPs, docs/results.md)
-SCALING_COLUMNS = ["recipe", "seed", "budget", "steps", "miou_seen", "miou_heldout", "miou_seen_pool", "miou_heldout_pool",
-                   "patch_shape_acc", "cpu_minutes"]
+SCALING_COLUMNS = ["recipe", "seed", "budget", "steps", "miou_seen", "miou_heldout", "miou_seen_pool",
+                   "miou_heldout_pool", "patch_shape_acc", "cpu_minutes"]
 BACKBONE_COLUMNS = ["recipe", "seed", "miou_seen", "miou_heldout", "miou_seen_pool", "miou_heldout_pool",
                     "patch_shape_acc", "prompt_patch_miou", "intra_inter_overlap", "cpu_minutes"]
 PROBE_COLUMNS = ["recipe", "seed", "probe_shape_acc", "probe_colour_acc", "zeroshot_object_shape_acc",
@@ -83,8 +85,8 @@ def train_stages(recipe: str, seed: int, pattern: str, root: Path, overrides: li
     (``root/stages/<stage>+<stage>/seed<seed>``, :func:`stage_name`), so recipes that share a prefix share its
     training: ``mmc_only`` measures the very encoder that ``mmc`` continues from. A finished stage (its export and
     ``minutes.json`` exist) is reused, not trained again; an unfinished one resumes from its latest checkpoint
-    (``minutes.json`` then estimates the stage's minutes from the last session's pace). At ``scale`` != 1 every stage takes
-    ``scale`` times its steps (schedules stretched with it), and its folder name says so (``demo@x2``).
+    (``minutes.json`` then estimates the stage's minutes from the last session's pace). At ``scale`` != 1 every stage
+    takes ``scale`` times its steps (schedules stretched with it), and its folder name says so (``demo@x2``).
     """
     import fcntl
 
@@ -294,7 +296,8 @@ def plot_scaling(path: Path, out: Path) -> Path:
         for i, recipe in enumerate(dict.fromkeys(r["recipe"] for r in table)):
             rows = [r for r in table if r["recipe"] == recipe]
             steps = sorted({int(r["budget"]) for r in rows})
-            for column, style, readout in ((f"miou_{split}", "-", "re-encoded"), (f"miou_{split}_pool", "--", "pooled")):
+            for column, style, readout in ((f"miou_{split}", "-", "re-encoded"),
+                                           (f"miou_{split}_pool", "--", "pooled")):
                 means = [np.mean([float(r[column]) for r in rows if int(r["budget"]) == s]) for s in steps]
                 ax.plot(steps, means, style, color=colours[i % len(colours)], label=f"{recipe}, {readout}")
                 ax.scatter([int(r["budget"]) for r in rows], [float(r[column]) for r in rows], s=12,
@@ -370,15 +373,17 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     report.update({"recipe": args.recipe, "seed": args.seed, "model": str(model_dir), "cpu_minutes": minutes,
-                   "stages": RECIPES[args.recipe], "overrides": args.overrides, "scale": args.scale, "torch_threads": torch.get_num_threads(),
+                   "stages": RECIPES[args.recipe], "overrides": args.overrides, "scale": args.scale,
+                   "torch_threads": torch.get_num_threads(),
                    "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores"})
     (out / "report.json").write_text(json.dumps(report, indent=1))
     backbone, probe = rows(args.recipe, args.seed, report, minutes)
     if args.scale != 1 or args.scaling_row:
         steps = sum(stage_steps(c, args.scale) for c in RECIPES[args.recipe])
-        row = {"budget": round(BUDGET * args.scale), "steps": steps, **{k: v for k, v in (backbone or {}).items() if k in SCALING_COLUMNS}}
-        append_row(args.results / "scaling.csv", SCALING_COLUMNS, {c: row.get(c, probe.get(c)) for c in SCALING_COLUMNS},
-                   key=("recipe", "seed", "budget"))
+        row = {"budget": round(BUDGET * args.scale), "steps": steps,
+               **{k: v for k, v in (backbone or {}).items() if k in SCALING_COLUMNS}}
+        append_row(args.results / "scaling.csv", SCALING_COLUMNS,
+                   {c: row.get(c, probe.get(c)) for c in SCALING_COLUMNS}, key=("recipe", "seed", "budget"))
         print(json.dumps(row, indent=1))
         return report
     if backbone is not None:

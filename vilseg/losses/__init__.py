@@ -10,6 +10,7 @@ from .distillation import distillation_loss, region_distillation
 from .reconstruction import masked_l1
 from .regions import attentive_pool, grouping_loss, region_contrast, slot_contrast
 
-__all__ = ["align_to_box", "attentive_pool", "box_in_view", "cross_modal_infonce", "distillation_loss", "global_contrast",
-           "grouping_loss", "iic_loss", "masked_l1", "overlap_boxes", "patch_aligned_infonce", "patch_centres_in", "patch_text_compatibility", "region_contrast", "region_distillation", "region_in_view", "slot_contrast",
-           "vision_contrast"]
+__all__ = ["align_to_box", "attentive_pool", "box_in_view", "cross_modal_infonce", "distillation_loss",
+           "global_contrast", "grouping_loss", "iic_loss", "masked_l1", "overlap_boxes", "patch_aligned_infonce",
+           "patch_centres_in", "patch_text_compatibility", "region_contrast", "region_distillation", "region_in_view",
+           "slot_contrast", "vision_contrast"]

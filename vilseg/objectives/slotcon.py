@@ -9,9 +9,9 @@ A dense projector maps the encoder's patch tokens to a D-dim space; K learnable 
   the flip undone (:func:`~vilseg.losses.align_to_box`, RoIAlign with adaptive sampling as the authors use it), and
   pairs without an overlap are left out;
 - slot contrast: slots are the attention-weighted means of the projected patches, raw as the projector gives them
-  (attention = softmax over the prototypes); a slot is valid in a view if its prototype is the arg-max at one patch at least. Each student slot
-  valid in both views, through a predictor, is contrasted against every valid teacher slot of the other view,
-  gathered from all processes; the positive is the same image's slot of the same prototype.
+  (attention = softmax over the prototypes); a slot is valid in a view if its prototype is the arg-max at one patch
+  at least. Each student slot valid in both views, through a predictor, is contrasted against every valid teacher
+  slot of the other view, gathered from all processes; the positive is the same image's slot of the same prototype.
 
 Total (unweighted terms): 0.5 (G12 + G21) + 0.5 (C12 + C21). Means are taken over the pixels / slots of every
 process (each process's sum divided by the global count, times the world size for DDP's gradient averaging), so two
