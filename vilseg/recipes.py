@@ -253,10 +253,12 @@ def _append_row(path: Path, columns: list[str], row: dict, key: tuple[str, ...])
     kept.append({k: (f"{v:.2f}" if isinstance(v, float) else v) for k, v in row.items()})
     order = list(dict.fromkeys([*RECIPES, *(r["recipe"] for r in kept)]))
     kept.sort(key=lambda r: (order.index(r["recipe"]), *(float(r[k]) for k in key[1:])))
-    with path.open("w", newline="") as f:
+    tmp = path.with_name(path.name + ".tmp")  # written whole, then renamed: a failure leaves the old file intact
+    with tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(kept)
+    tmp.replace(path)
 
 
 def summarize(path: Path) -> str:
