@@ -112,6 +112,9 @@ def _worker(rank, world, init_file, name, result_file):
     dist.all_gather(gathered, losses)
     if rank == 0:
         torch.save({"state": state, "losses": torch.stack(gathered).mean(0)}, result_file)
+    # both processes leave together: a peer that tears gloo down while the other still holds its pair connections
+    # can abort the other ("terminate called without an active exception", seen once under a loaded CPU)
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -150,6 +150,9 @@ def _gloo_worker(rank, world, init_file, img, txt, scale, result_file):
     if rank == 0:
         torch.save({"loss": torch.stack(losses).mean(), "grad_img": torch.cat(grads_i) / world,
                     "grad_txt": torch.cat(grads_t) / world}, result_file)
+    # both processes leave together: a peer that tears gloo down while the other still holds its pair connections
+    # can abort the other ("terminate called without an active exception", seen once under a loaded CPU)
+    dist.barrier()
     dist.destroy_process_group()
 
 
