@@ -127,6 +127,11 @@ class ViLSeg(nn.Module):
         """[B, D] global tokens -> [B, E] L2-normalised joint-space image embeddings."""
         return F.normalize(self.image_proj(global_token), dim=-1)
 
+    def embed_patches(self, patch_tokens: torch.Tensor) -> torch.Tensor:
+        """[B, N, D] patch tokens -> [B, N, E] L2-normalised joint-space patch embeddings (what pooled naming, the
+        ``dense`` and the ``pacl`` objectives read)."""
+        return F.normalize(self.image_proj(patch_tokens), dim=-1)
+
     def cluster_logits(self, feats: ImageFeatures, detach: bool = False) -> torch.Tensor:
         """Clustering-head logits of every patch, [B, C, h, w]; ``detach`` keeps their gradient out of the encoder."""
         tokens = feats.patch_tokens.detach() if detach else feats.patch_tokens
@@ -141,9 +146,8 @@ class ViLSeg(nn.Module):
             ``slot_dots`` [B, K, h, w] (every patch's cosine to the K prototypes).
         """
         feats = self.image_encoder(images)
-        patch_joint = self.image_proj(feats.patch_tokens)  # [B, N, E]
         out = {
-            "patch_embed": tokens_to_map(F.normalize(patch_joint, dim=-1), feats.grid),
+            "patch_embed": tokens_to_map(self.embed_patches(feats.patch_tokens), feats.grid),
             "cluster_probs": self.cluster_logits(feats).softmax(1),
             "image_embed": self.embed_image(feats.global_token),
         }

@@ -62,7 +62,7 @@ class RegionDistillation(Objective):
             targets = torch.stack([F.normalize(project(f.global_token), dim=-1) for f in ctx.teacher_local], 1)
         maps, local_boxes, valid = [], [], []
         for v, feats in enumerate(ctx.student_global):
-            maps.append(tokens_to_map(F.normalize(ctx.model.image_proj(feats.patch_tokens), dim=-1), feats.grid))
+            maps.append(tokens_to_map(ctx.model.embed_patches(feats.patch_tokens), feats.grid))
             box, inside = box_in_view(boxes[:, g:], boxes[:, v:v + 1], flips[:, v:v + 1].expand(-1, boxes.shape[1] - g))
             local_boxes.append(box)
             valid.append(inside >= self.options.min_inside)
@@ -92,7 +92,6 @@ class PatchTextAlignment(Objective):
         return {"image_encoder", "image_proj", "text_encoder", "text_proj", "logit_scale"}
 
     def forward(self, ctx) -> dict[str, torch.Tensor]:
-        feats = ctx.student_global[0]
-        patches = F.normalize(ctx.model.image_proj(feats.patch_tokens), dim=-1)
+        patches = ctx.model.embed_patches(ctx.student_global[0].patch_tokens)
         text, negatives, valid = ctx.text
         return {"pacl": patch_aligned_infonce(patches, text, ctx.model.logit_scale.exp(), negatives, valid)}
