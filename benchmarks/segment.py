@@ -1,14 +1,16 @@
 """Segmenter latency per read-out against the bare image-encoder forward, and VocabularyIndex query latency and
 recall, in one run.
 
-1. Read-outs. For each grouping x naming strategy, the median latency of ``Segmenter.segment`` on one real photograph
+1. Read-outs. For each read-out the demo calibrates (clusters named by pooled patches, by masked attention in the
+   last 1, 2 or all blocks, by re-encoding) and the dense grouping, the median latency of ``Segmenter.segment`` on one real photograph
    (scikit-image's astronaut) at the model's input size, end to end (forward, grouping, naming, top-k search, label
    map), and of the read-out alone (``group_and_name``), each against the bare image-encoder forward at the same
    resolution: the demo model at 64 px and ViT-S/16 at 224 px. Rows "@512px" give the same photograph at its own
    512 x 512: the resize and the full-size label map (bilinear class scores, arg-max) are a cost of the output size,
    not of the model. The demo model is the trained
    one given by ``--demo-model`` (its clusters make the segments a trained model makes), else random-init; ViT-S/16
-   is random-init. The number of segments per image is recorded, since re-encoding costs one view per segment.
+   is random-init. The number of segments per image (after the Segmenter's cap, ``ReadOut.max_segments``) is
+   recorded, since re-encoding costs one view per segment.
 2. Vocabulary. ``VocabularyIndex.search`` (top-5 classes of 8 segment queries: one image) over 1k, 21k and 100k names,
    exact (flat) and approximate (HNSW), and the approximate index's recall@1 against the exact one. Names are real
    text embedded by the demo model's text side (MiniLM): ImageNet-21k's classes, and for 100k the classes plus
@@ -54,8 +56,8 @@ def photograph():
 
 
 def readout_rows(model, name: str, repeats: int) -> list[dict]:
+    from vilseg.demo import CANDIDATES, readout_key
     from vilseg.inference import ReadOut, Segmenter
-    from vilseg.inference.strategies import GROUPINGS, NAMINGS
     from vilseg.inference.vocabularies import load_vocabulary
 
     size = model.config.image.img_size
@@ -68,21 +70,24 @@ def readout_rows(model, name: str, repeats: int) -> list[dict]:
         forward = median_ms(lambda: model.image_encoder(x), repeats)
     rows = [{"model": name, "input": list(x.shape[-2:]), "readout": "bare encoder forward", "segment_ms": forward,
              "segment_ratio": 1.0}]
-    for grouping in GROUPINGS:
-        for naming in NAMINGS:
-            seg = Segmenter(model, vocabulary=base.index, readout=ReadOut(grouping, naming), device="cpu")
-            ids, _ = seg.group_and_name(x)
-            total = median_ms(lambda: seg.segment(image), repeats)
-            readout = median_ms(lambda: seg.group_and_name(x), repeats)
-            rows.append({"model": name, "input": list(x.shape[-2:]), "readout": f"{grouping}+{naming}",
-                         "segments": int(ids.max()) + 1, "segment_ms": total, "segment_ratio": total / forward,
-                         "group_and_name_ms": readout, "group_and_name_ratio": readout / forward})
-            print(f"{name:>12} {grouping}+{naming:<16} {rows[-1]['segments']:4d} segments  "
-                  f"{total:8.1f} ms ({total / forward:5.2f}x)  read-out only {readout / forward:5.2f}x", flush=True)
-            if grouping == "clusters":
-                total = median_ms(lambda: seg.segment(photo), max(3, repeats // 4))
-                rows.append({"model": name, "input": list(x.shape[-2:]), "readout": f"{grouping}+{naming} @512px",
-                             "segment_ms": total, "segment_ratio": total / forward})
+    # every read-out the demo's calibration chooses from, and the dense grouping (single patches, pooled); segments
+    # are bounded as the Segmenter bounds them (ReadOut.max_segments)
+    for grouping, naming, blocks in [*CANDIDATES, ("dense", "pool", None)]:
+        key = readout_key(grouping, naming, blocks)
+        seg = Segmenter(model, vocabulary=base.index, device="cpu",
+                        readout=ReadOut(grouping, naming, **({"blocks": blocks} if blocks else {})))
+        ids, _ = seg.group_and_name(x)
+        total = median_ms(lambda: seg.segment(image), repeats)
+        readout = median_ms(lambda: seg.group_and_name(x), repeats)
+        rows.append({"model": name, "input": list(x.shape[-2:]), "readout": key, "segments": int(ids.max()) + 1,
+                     "segment_ms": total, "segment_ratio": total / forward, "group_and_name_ms": readout,
+                     "group_and_name_ratio": readout / forward})
+        print(f"{name:>12} {key:<30} {rows[-1]['segments']:4d} segments  {total:8.1f} ms ({total / forward:5.2f}x)  "
+              f"read-out only {readout / forward:5.2f}x", flush=True)
+        if grouping == "clusters":
+            total = median_ms(lambda: seg.segment(photo), max(3, repeats // 4))
+            rows.append({"model": name, "input": list(x.shape[-2:]), "readout": f"{key} @512px",
+                         "segment_ms": total, "segment_ratio": total / forward})
     return rows
 
 

@@ -78,7 +78,9 @@ def test_standard_input_globs_and_vocabulary_files(model_dir, photos, tmp_path, 
 
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("person, astronaut\ncoffee cup, mug\n")
-    monkeypatch.setattr(sys, "stdin", type("S", (), {"buffer": io.BytesIO((photos / "a" / "coffee.jpg").read_bytes())}))
+    # a stand-in for sys.stdin (with close(), which DataLoader worker processes call on theirs)
+    monkeypatch.setattr(sys, "stdin", type("S", (), {"buffer": io.BytesIO((photos / "a" / "coffee.jpg").read_bytes()),
+                                                     "close": lambda self: None})())
     code, _, err = _run(capsys, "segment", "-", str(photos / "a" / "c*.png"), "--model", model_dir,
                         "--vocab", vocab, "--threshold", "0.1", "--out", tmp_path / "out")
     assert code == 0, err
@@ -164,3 +166,37 @@ def test_every_subcommand_help_shows_an_example():
     for command in ("segment", "index", "eval", "probe", "train", "web"):
         proc = subprocess.run([sys.executable, "-m", "vilseg.cli", command, "--help"], capture_output=True, text=True)
         assert proc.returncode == 0 and "example:" in proc.stdout and "vilseg " + command in proc.stdout, command
+
+
+def test_a_folder_batched_in_workers_and_split_over_two_processes_gives_the_files_of_one_by_one(model_dir, tmp_path,
+                                                                                                capsys):
+    import os
+
+    folder = tmp_path / "many"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(7):  # two sizes, so that batches group images by their input size
+        shape = (48, 64, 3) if i % 3 else (40, 40, 3)
+        Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)).save(folder / f"im{i}.png")
+    (folder / "broken.png").write_bytes(b"not an image")
+    common = ["--model", model_dir, "--classes", "red circle,blue square", "--threshold", "0.2"]
+    code, _, err = _run(capsys, "segment", folder, *common, "--batch-size", "1", "--workers", "0",
+                        "--out", tmp_path / "one")
+    assert code == 1 and "broken.png" in err  # the bad file is named and counted, the others are written
+    code, _, err = _run(capsys, "segment", folder, *common, "--batch-size", "4", "--workers", "2",
+                        "--out", tmp_path / "batched")
+    assert code == 1 and "broken.png" in err
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "vilseg.cli",
+                    "segment", str(folder), *map(str, common), "--batch-size", "4", "--out", str(tmp_path / "two")],
+                   capture_output=True, timeout=300, env=env)
+    for run, processes in (("batched", 1), ("two", 2)):
+        stats = json.loads((tmp_path / run / "segment_stats.json").read_text())
+        assert (stats["images"], stats["failed"], stats["processes"]) == (7, 1, processes)
+        for i in range(7):
+            for suffix in (".png", "_overlay.png"):
+                assert (np.asarray(Image.open(tmp_path / run / f"im{i}{suffix}"))
+                        == np.asarray(Image.open(tmp_path / "one" / f"im{i}{suffix}"))).all(), (run, i, suffix)
+            got, want = (json.loads((tmp_path / r / f"im{i}.json").read_text())["segments"] for r in (run, "one"))
+            assert [s["label"] for s in got] == [s["label"] for s in want]

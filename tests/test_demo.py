@@ -17,9 +17,10 @@ def test_demo_writes_metrics_for_seen_and_held_out_queries_and_overlays(tmp_path
     assert metrics["seen_queries_miou"] == report["seen_queries_miou"]
     # the read-out is chosen on the calibration split among the candidates and saved with the model
     saved = json.loads((tmp_path / "out" / "train" / "final" / "readout.json").read_text())
-    assert metrics["readout"] == f"{saved['grouping']}+{saved['naming']}" in ("clusters+reencode_global", "clusters+pool")
-    assert saved["threshold"] == metrics["bg_threshold"] and set(saved["calibration"]["candidates"]) == {
-        "clusters+reencode_global", "clusters+pool"}
+    # the debug model has 2 blocks: masked attention in the last 2 is masked attention in "all"; it is tried once
+    grid = {"clusters+pool", "clusters+masked_attention@1", "clusters+masked_attention@2", "clusters+reencode_global"}
+    assert saved["threshold"] == metrics["bg_threshold"] and set(saved["calibration"]["candidates"]) == grid
+    assert metrics["readout"] == demo.readout_key(saved["grouping"], saved["naming"], saved["blocks"]) in grid
     for vocab in ("canonical", "synonym"):
         assert len(metrics[vocab]["per_class_iou"]) == 17  # background + 16 colour-shape classes
     held = [q for q in metrics["per_query_iou"].values() if q["held_out"]]
@@ -31,10 +32,15 @@ def test_demo_writes_metrics_for_seen_and_held_out_queries_and_overlays(tmp_path
 
 
 def test_calibration_prefers_the_fastest_read_out_within_one_point_of_the_best():
-    from vilseg.demo import CANDIDATES, prefer_fastest
+    from vilseg.demo import CANDIDATES, parse_readout, prefer_fastest, readout_key
 
-    assert CANDIDATES[0] == ("clusters", "pool")  # fastest first
-    pool, reencode = CANDIDATES
+    assert CANDIDATES[0] == ("clusters", "pool", None)  # fastest first
+    pool, masked1, masked2, masked_all, reencode = CANDIDATES
     assert prefer_fastest({pool: 25.4, reencode: 26.2}) == pool  # within 1 point: the fast one
-    assert prefer_fastest({pool: 7.9, reencode: 26.2}) == reencode  # the demo model today
+    assert prefer_fastest({pool: 7.9, reencode: 26.2}) == reencode
     assert prefer_fastest({pool: 30.0, reencode: 26.2}) == pool
+    # masked attention within a point of re-encoding wins over it, the shallowest such k first
+    scores = {pool: 7.9, masked1: 20.0, masked2: 25.5, masked_all: 26.0, reencode: 26.2}
+    assert prefer_fastest(scores) == masked2
+    for candidate in CANDIDATES:
+        assert parse_readout(readout_key(*candidate)) == candidate

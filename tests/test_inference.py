@@ -11,6 +11,7 @@ from vilseg.eval import IoUAccumulator
 from vilseg.inference import (BackgroundWordsDecision, ClusterGrouping, DenseGrouping, NoDecision, PooledNaming,
                               ReadOut, ReencodeGlobalNaming, Segmenter, SlidingWindow, ThresholdDecision,
                               VocabularyIndex, connected_components)
+from vilseg.inference.strategies import MaskedAttentionNaming, bound_segments
 
 
 class ColourModel(nn.Module):
@@ -142,19 +143,13 @@ def test_reencode_global_names_each_segment_by_its_own_outline():
     assert (res.labels == 0).all()
 
 
-def test_reencode_global_caps_segments_and_windows_large_images():
+def test_reencode_global_windows_large_images():
     model, queries = OutlineModel(), ["wide thing", "tall thing"]
     seg = Segmenter(model, queries, ReadOut("clusters", "reencode_global", 0.4, input_size=32))
     x, _ = seg.preprocess(_bars())
     dense = model.dense_embeddings(x)
     ids = ClusterGrouping()(dense)
     full = ReencodeGlobalNaming()(model, x, dense, ids)
-    capped = ReencodeGlobalNaming(max_segments=1)(model, x, dense, ids)  # only the largest is re-encoded
-    pooled = PooledNaming()(model, x, dense, ids)
-    largest = int(torch.bincount(ids.flatten()).argmax())
-    torch.testing.assert_close(capped[largest], full[largest])
-    others = [i for i in range(len(full)) if i != largest]
-    torch.testing.assert_close(capped[others], pooled[others])
     # a window of 2 patches around each segment instead of the whole 4 x 6 patch image: same outlines here
     windowed = ReencodeGlobalNaming(window=16)(model, x, dense, ids)
     torch.testing.assert_close(windowed.argmax(1), full.argmax(1))
@@ -313,3 +308,124 @@ def test_iou_accumulator_matches_hand_computation():
     # class 0: I=1, pred=2, label=2 -> 1/3; class 1: I=2, pred=3, label=2 -> 2/3; class 2: I=1, pred=1, label=2 -> 1/2
     np.testing.assert_allclose(acc.iou(), [1 / 3, 2 / 3, 1 / 2])
     assert abs(acc.miou() - np.mean([1 / 3, 2 / 3, 1 / 2])) < 1e-12
+
+
+# ------------------------------------------------------------------ masked-attention naming
+def _vit(pool: str, conv_stem: bool = False):
+    """A tiny real ViL-Seg (2 blocks, 4 x 4 patches at 32 px); a plain linear patch projection is patch-local."""
+    torch.manual_seed(0)
+    return create_model("vilseg-tiny", image={"pool": pool, "conv_stem": conv_stem}).eval()
+
+
+@pytest.mark.parametrize("pool", ["avg", "token"])
+def test_masked_attention_with_all_blocks_and_one_whole_segment_is_the_global_embedding(pool):
+    model = _vit(pool)
+    x = torch.randn(1, 3, 32, 32)
+    naming = MaskedAttentionNaming("all")
+    with torch.no_grad():
+        dense = model.dense_embeddings(x, **naming.dense_kwargs(model))
+        emb = naming(model, x, dense, torch.zeros(4, 4, dtype=torch.long))
+    assert emb.shape == (1, model.config.embed_dim)
+    torch.testing.assert_close(emb[0], dense["image_embed"][0], atol=1e-5, rtol=0)
+    # keeping the hidden tokens changes nothing of the image's own outputs
+    plain = model.dense_embeddings(x)
+    for key in plain:
+        torch.testing.assert_close(dense[key], plain[key], atol=0, rtol=0)
+
+
+def _two_images_differing_outside(ids):
+    """Two images equal on the pixels of segment 0 of ``ids`` (4 x 4 patches of 8 px) and different elsewhere."""
+    torch.manual_seed(1)
+    a, b = torch.randn(1, 3, 32, 32), torch.randn(1, 3, 32, 32)
+    inside = (ids == 0).repeat_interleave(8, 0).repeat_interleave(8, 1)
+    return a, torch.where(inside, a, b)
+
+
+def test_masked_attention_sees_outside_pixels_only_through_the_tokens_it_starts_from():
+    ids = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 2, 1], [2, 2, 2, 1]])
+    # k = all on a patch-local encoder (linear patch projection): the segment's embedding does not change at all,
+    # while the whole image's does
+    model = _vit("avg")
+    a, b = _two_images_differing_outside(ids)
+    naming = MaskedAttentionNaming("all")
+    with torch.no_grad():
+        da, db = (model.dense_embeddings(v, **naming.dense_kwargs(model)) for v in (a, b))
+        ea, eb = naming(model, a, da, ids), naming(model, b, db, ids)
+    torch.testing.assert_close(ea[0], eb[0], atol=1e-6, rtol=0)
+    assert (ea[1:] - eb[1:]).abs().max() > 1e-3 and (da["image_embed"] - db["image_embed"]).abs().max() > 1e-3
+    # k = 1: outside pixels reach the segment only through the tokens entering the last block, its own tokens:
+    # give image b the prefix and segment-0 tokens of image a, and segment 0's embedding is a's again
+    model = _vit("token", conv_stem=True)
+    naming = MaskedAttentionNaming(1)
+    with torch.no_grad():
+        da, db = (model.dense_embeddings(v, **naming.dense_kwargs(model)) for v in (a, b))
+        ea, eb = naming(model, a, da, ids), naming(model, b, db, ids)
+        assert (ea[0] - eb[0]).abs().max() > 1e-4  # through its tokens, the context does reach it
+        prefix = model.image_encoder.vit.num_prefix_tokens
+        own = torch.cat([torch.ones(prefix, dtype=torch.bool), ids.flatten() == 0])
+        swapped = torch.where(own[None, :, None], da["hidden"], db["hidden"])
+        es = model.segment_embeddings(swapped, ids.flatten()[None], naming.start_block(model))[0]
+    torch.testing.assert_close(es[0], ea[0], atol=1e-6, rtol=0)
+
+
+def test_masked_attention_batches_images_with_different_segment_counts():
+    model = _vit("avg")
+    x = torch.randn(2, 3, 32, 32)
+    ids = torch.stack([torch.tensor([[0, 0, 1, 1]] * 4), torch.tensor([[0, 1, 2, 3]] * 4)]).flatten(1)
+    with torch.no_grad():
+        hidden = model.dense_embeddings(x, keep_block=1)["hidden"]
+        both = model.segment_embeddings(hidden, ids, 1)
+        alone = [model.segment_embeddings(hidden[i:i + 1], ids[i:i + 1], 1)[0] for i in range(2)]
+    assert both.shape == (2, 4, model.config.embed_dim)
+    torch.testing.assert_close(both[0, :2], alone[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(both[1], alone[1], atol=1e-6, rtol=0)
+
+
+def test_segmenter_with_masked_attention_saves_its_blocks(tmp_path):
+    model = _vit("avg")
+    readout = ReadOut("clusters", "masked_attention", None, blocks=2, input_size=32)
+    seg = Segmenter(model, ["red circle", "blue square"], readout, device="cpu")
+    res = seg.segment(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8))
+    assert res.labels.shape == (40, 48) and len(res.segments) >= 1
+    readout.save(tmp_path)
+    assert ReadOut.load(tmp_path).blocks == 2
+    with pytest.raises(ValueError, match="blocks"):
+        MaskedAttentionNaming(0)
+    with pytest.raises(ValueError, match="single patches"):
+        Segmenter(model, ["a"], ReadOut("dense", "masked_attention"), device="cpu")
+
+
+# ------------------------------------------------------------------ bounded segments
+def test_bound_segments_merges_small_and_surplus_segments_into_the_most_similar_neighbour():
+    ids = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1], [2, 3, 3, 3], [2, 3, 3, 3]])
+    emb = torch.zeros(2, 4, 4)
+    emb[0] = 1.0  # segments 0, 1, 3 point one way
+    emb[:, ids == 2] = torch.tensor([[0.0], [1.0]])  # segment 2 (2 patches) points another way
+    emb[:, 3, 3] = torch.tensor([0.0, 1.0])  # ... and so does one patch of segment 3
+    emb = F.normalize(emb, dim=0)
+    assert bound_segments(ids, emb) is ids  # nothing to bound
+    # min area 3: segment 2 (2 patches) merges; its neighbours are 0 (cos 0) and 3 (cos 1/6 of one patch's worth)
+    merged = bound_segments(ids, emb, min_area=3)
+    assert merged.tolist() == [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 2, 2], [2, 2, 2, 2]]
+    # at most 2 segments: 2 merges into 3 as above; then of the smallest left (0 and 1, 4 patches each) the first, 0,
+    # merges into 1 (cosine 1) rather than into 3 + 2 (5 patches one way, 3 the other)
+    two = bound_segments(ids, emb, max_segments=2)
+    assert two.tolist() == [[0, 0, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1], [1, 1, 1, 1]]
+    with pytest.raises(ValueError, match="min_area"):
+        bound_segments(ids, emb, min_area=0)
+
+
+@pytest.mark.parametrize("naming", ["pool", "masked_attention", "reencode_global"])
+def test_segment_batch_equals_segmenting_each_image_alone(naming):
+    model = _vit("avg")
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, shape, dtype=np.uint8) for shape in ((40, 48, 3), (32, 32, 3), (40, 48, 3))]
+    seg = Segmenter(model, ["red circle", "blue square", "green cross"],
+                    ReadOut("clusters", naming, 0.0, blocks=1, input_size=32), device="cpu", batch_size=2)
+    batched = seg.segment_batch(images)  # 40x48 -> 32x40 twice (one pass), 32x32 once
+    for image, got in zip(images, batched):
+        alone = seg.segment(image)
+        assert (got.labels == alone.labels).all() and (got.segment_map == alone.segment_map).all()
+        assert [s["label"] for s in got.segments] == [s["label"] for s in alone.segments]
+        np.testing.assert_allclose([s["score"] for s in got.segments], [s["score"] for s in alone.segments],
+                                   atol=1e-5)

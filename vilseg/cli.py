@@ -23,8 +23,9 @@ SEGMENT_EXAMPLE = """example:
   vilseg segment photos/ street.jpg 'more/*.png' --model runs/demo/train/final --classes "cat,dog,tv" --out out/
   vilseg segment photo.jpg --model runs/demo/train/final --vocab imagenet21k --out out/   # name every segment
   cat photo.jpg | vilseg segment - --model runs/demo/train/final --vocab voc21 --background sky,wall --out out/
+  accelerate launch --num_processes 2 -m vilseg.cli segment photos/ --model ... --classes ... --out out/  # split
 writes out/<stem>.png (label map: 0 background, i+1 class i), out/<stem>.json (segments: label, score, area, box,
-top-k names) and out/<stem>_overlay.png (with a legend)."""
+top-k names), out/<stem>_overlay.png (with a legend) and out/segment_stats.json (images/s)."""
 
 
 EVAL_EXAMPLE = """example:
@@ -168,14 +169,95 @@ def write_outputs(segmenter, image, result, out: Path, stem: str, source: str) -
     segmenter.render_overlay(image, result, out / f"{stem}_overlay.png")
 
 
-def cmd_segment(args) -> int:
+class ImageFiles:
+    """A map-style dataset of image files for a DataLoader: item i is (i, the RGB uint8 array, the prepared input
+    tensor, the displayed (H, W), None), or (i, None, None, None, the error) for a file that cannot be read, so that
+    decoding and resizing run in the worker processes and a bad file is reported, not fatal."""
+
+    def __init__(self, paths: list[str], input_size: int, patch: int, mean, std):
+        self.paths, self.args = paths, (input_size, patch, mean, std)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        from .inference.segmenter import load_image, prepare_image
+
+        try:
+            image = load_image(self.paths[i])
+            x, size = prepare_image(image, *self.args)
+            return i, np.asarray(image), x, size, None
+        except (ValueError, FileNotFoundError, OSError) as exn:
+            return i, None, None, None, str(exn)
+
+
+def _as_is(sample):
+    """The DataLoader's collate for :class:`ImageFiles`: the sample unchanged (its arrays stay numpy)."""
+    return sample
+
+
+def segment_files(segmenter, paths: list[str], stems: list[str], out: Path, workers: int, progress: bool = True
+                  ) -> tuple[int, int, float]:
+    """Segments ``paths`` into ``out``: decoding in ``workers`` DataLoader processes, the images of one input size
+    batched through the encoder (``segmenter.batch_size``), the outputs written by two threads while the next batch
+    is encoded. Returns (images written, images failed, seconds)."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+    from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
+    encoder = segmenter.model.image_encoder
+    files = ImageFiles(paths, segmenter.input_size, segmenter.patch, encoder.mean.flatten().tolist(),
+                       encoder.std.flatten().tolist())
+    loader = DataLoader(files, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_as_is,
+                        prefetch_factor=2 * segmenter.batch_size if workers else None)
+    failed, written, pending = 0, 0, []
+    buckets: dict[tuple, list] = {}
+    start = time.perf_counter()
+    bar = tqdm(total=len(paths), desc="segment", unit="image", disable=not progress or len(paths) < 2)
+
+    def flush(items: list, pool) -> None:
+        nonlocal written
+        results = segmenter.segment_batch(prepared=[(x, size) for _, _, x, size in items])
+        for (i, array, _, _), result in zip(items, results):
+            pending.append(pool.submit(write_outputs, segmenter, Image.fromarray(array), result, out, stems[i],
+                                       paths[i]))
+            named = sorted({s["label"] for s in result.segments if s["label"] != "background"})
+            bar.set_postfix_str(f"{Path(paths[i]).name}: {len(result.segments)} segments"
+                                + (f" ({', '.join(named[:4])})" if named else ""), refresh=False)
+        written += len(items)
+        bar.update(len(items))
+
+    with ThreadPoolExecutor(2) as pool:
+        for i, array, x, size, error in loader:
+            if error is not None:
+                failed += 1
+                bar.update(1)
+                tqdm.write(f"vilseg: skipped {paths[i]}: {error}", file=sys.stderr)
+                continue
+            bucket = buckets.setdefault(tuple(x.shape), [])
+            bucket.append((i, array, x, size))
+            if len(bucket) == segmenter.batch_size:
+                flush(buckets.pop(tuple(x.shape)), pool)
+        for bucket in buckets.values():
+            flush(bucket, pool)
+        for future in pending:
+            future.result()  # a failed write raises here, naming its file
+    bar.close()
+    return written, failed, time.perf_counter() - start
+
+
+def cmd_segment(args) -> int:
+    from .eval.runner import process_state
     from .inference import ReadOut, Segmenter
     from .inference.segmenter import load_image
 
     if not args.classes and not args.vocab:
         raise UserError("give the classes to look for (--classes \"cat,dog\") or a vocabulary (--vocab NAME|FILE)")
+    if args.batch_size < 1 or args.workers < 0:
+        raise UserError(f"--batch-size must be >= 1 and --workers >= 0, got {args.batch_size} and {args.workers}")
     paths = expand_inputs(args.images)  # checked before the model loads
     vocabulary = vocabulary_from_args(args)
     model = load_model(args.model)
@@ -186,7 +268,9 @@ def cmd_segment(args) -> int:
         readout.background_words = [w.strip() for w in args.background.split(",") if w.strip()]
     if args.vocab and not args.classes and args.threshold is None and not args.background:
         readout.threshold = None  # vocabulary-free mode: every segment gets its best name
-    segmenter = Segmenter(model, readout=readout, top_k=args.top_k)
+    state = process_state()  # under `accelerate launch -m vilseg.cli segment ...` the files are split
+    segmenter = Segmenter(model, readout=readout, top_k=args.top_k, batch_size=args.batch_size,
+                          device=state.device if state.num_processes > 1 else None)
     if args.index:
         from .inference import VocabularyIndex
 
@@ -203,21 +287,32 @@ def cmd_segment(args) -> int:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {args.out!r} is a file: give a folder")
     out.mkdir(parents=True, exist_ok=True)
-    failed = 0
-    for path, stem in tqdm(list(zip(paths, output_stems(paths))), desc="segment", unit="image",
-                           disable=len(paths) < 2):
-        try:
-            image = load_image(_read_stdin_image() if path == "-" else path)
-            result = segmenter.segment(image)
-            write_outputs(segmenter, image, result, out, stem, "stdin" if path == "-" else path)
-        except (ValueError, FileNotFoundError, OSError) as exn:
-            failed += 1
-            print(f"vilseg: skipped {path}: {exn}", file=sys.stderr)
-            continue
-        named = [s["label"] for s in result.segments if s["label"] != "background"]
-        tqdm.write(f"{path}: {len(result.segments)} segments" + (f" ({', '.join(sorted(set(named))[:8])})"
-                                                                   if named else ""))
-    print(f"wrote {len(paths) - failed} of {len(paths)} images to {out}")
+    stems = output_stems(paths)
+    from_stdin = 0
+    if "-" in paths and state.is_main_process:  # one image on standard input, read here (not in a worker)
+        i = paths.index("-")
+        image = load_image(_read_stdin_image())
+        write_outputs(segmenter, image, segmenter.segment(image), out, stems[i], "stdin")
+        from_stdin = 1
+    mine = [i for i in range(state.process_index, len(paths), state.num_processes) if paths[i] != "-"]
+    written, failed, seconds = segment_files(segmenter, [paths[i] for i in mine], [stems[i] for i in mine], out,
+                                             args.workers, progress=state.is_main_process)
+    written += from_stdin
+    if state.num_processes > 1:  # totals over the processes; the slowest process sets the time
+        import torch
+
+        totals = torch.tensor([written, failed, seconds], dtype=torch.float64)
+        counts, slowest = totals[:2].clone(), totals[2:].clone()
+        torch.distributed.all_reduce(counts)
+        torch.distributed.all_reduce(slowest, op=torch.distributed.ReduceOp.MAX)
+        written, failed, seconds = int(counts[0]), int(counts[1]), float(slowest[0])
+    if state.is_main_process:
+        stats = {"images": written, "failed": failed, "seconds": round(seconds, 3),
+                 "images_per_s": round(written / seconds, 3) if seconds else None, "batch_size": args.batch_size,
+                 "workers": args.workers, "processes": state.num_processes,
+                 "readout": f"{readout.grouping}+{readout.naming}"}
+        (out / "segment_stats.json").write_text(json.dumps(stats, indent=1))
+        print(f"wrote {written} of {written + failed} images to {out} ({stats['images_per_s']} images/s)")
     return 1 if failed else 0
 
 
@@ -359,6 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--background", help="comma-separated background words (instead of a threshold)")
     s.add_argument("--threshold", type=float, help="background threshold (default: the model's calibrated one)")
     s.add_argument("--top-k", type=int, default=5, help="names listed per segment in the JSON")
+    s.add_argument("--batch-size", type=int, default=16, help="images of one size encoded per forward pass")
+    s.add_argument("--workers", type=int, default=2, help="DataLoader processes decoding images (0: in this one)")
     s.add_argument("--out", required=True, help="output folder")
 
     i = sub.add_parser("index", help="build or query a faiss vocabulary index", formatter_class=formatter,

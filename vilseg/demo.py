@@ -8,11 +8,12 @@
 Writes OUT/metrics.json (mIoU, per-class IoU; seen and held-out queries separately), OUT/overlays/*.png
 (image | prediction | ground truth) and OUT/train/ (config, checkpoints, TensorBoard logs, final model).
 
-Read-out: the demo calibrates every candidate read-out (grouping x naming, the ones ``--grouping``/``--naming``
-leave open) on the calibration split, keeps the best with its background threshold, saves it beside the model
-(``OUT/train/final/readout.json``, which ``Segmenter.from_pretrained`` and ``vilseg segment`` then use by default)
-and evaluates it. For the demo model that is the paper's clusters (connected components of the clustering head's
-arg-max), each named by the *global* embedding of its own re-encoding (docs/results.md).
+Read-out: the demo calibrates every candidate read-out (``CANDIDATES``: the clustering head's segments named by
+pooled patch embeddings, by masked attention in the encoder's last 1, 2 or all blocks, or by re-encoding; the ones
+``--grouping``/``--naming``/``--blocks`` leave open) on the calibration split, keeps the fastest within 1 mIoU of the
+best with its background threshold, saves it beside the model (``OUT/train/final/readout.json``, which
+``Segmenter.from_pretrained`` and ``vilseg segment`` then use by default) and evaluates it. Which one wins for the
+demo model is on the results page (docs/results.md).
 
 Queries: the 16 colour-shape classes. "Seen" classes occur in training captions. Held-out queries are
 (a) the 4 colour-shape combinations that never occur in training, and (b) every class worded with synonyms that
@@ -34,12 +35,31 @@ from .inference.segmenter import ReadOut
 from .inference.strategies import GROUPINGS, NAMINGS
 
 # the read-outs the demo chooses from, fastest first (benchmarks/results/segment_cpu.json: pooled naming costs
-# ~1.1-1.9x the encoder forward, re-encoding ~20-37x)
-CANDIDATES = (("clusters", "pool"), ("clusters", "reencode_global"))
+# ~1.1-1.9x the encoder forward, masked attention over the last k blocks ~1 + k/depth, re-encoding ~20-37x)
+CANDIDATES = (("clusters", "pool", None), ("clusters", "masked_attention", 1), ("clusters", "masked_attention", 2),
+              ("clusters", "masked_attention", "all"), ("clusters", "reencode_global", None))
 TOLERANCE = 1.0  # mIoU points: the fastest read-out within this much of the best one is chosen
 
 
-def prefer_fastest(scores: dict[tuple[str, str], float], tolerance: float = TOLERANCE) -> tuple[str, str]:
+def readout_key(grouping: str, naming: str, blocks=None) -> str:
+    """A read-out's name in reports: ``clusters+pool``, ``clusters+masked_attention@2``."""
+    return f"{grouping}+{naming}" + (f"@{blocks}" if naming == "masked_attention" else "")
+
+
+def parse_readout(key: str) -> tuple[str, str, int | str | None]:
+    """The inverse of :func:`readout_key`."""
+    pair, _, blocks = key.partition("@")
+    grouping, _, naming = pair.partition("+")
+    if grouping not in GROUPINGS or naming not in NAMINGS:
+        raise ValueError(f"read-out {key!r}: expected <grouping>+<naming>[@k] with a grouping of {sorted(GROUPINGS)} "
+                         f"and a naming of {sorted(NAMINGS)}")
+    if naming == "masked_attention":
+        blocks = "all" if blocks in ("", "all") else int(blocks)
+        return grouping, naming, blocks
+    return grouping, naming, None
+
+
+def prefer_fastest(scores: dict, tolerance: float = TOLERANCE):
     """The first (fastest) read-out of ``scores`` (ordered fastest first) whose calibration mIoU is within
     ``tolerance`` points of the best one's."""
     best = max(scores.values())
@@ -68,41 +88,54 @@ def group_miou(iou: dict[str, float], names: list[str]) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
-def calibrate(model_dir: Path, data_dir: Path, grouping: str | None = None, naming: str | None = None
-              ) -> tuple[ReadOut, dict]:
+def calibrate(model_dir: Path, data_dir: Path, grouping: str | None = None, naming: str | None = None,
+              blocks=None) -> tuple[ReadOut, dict]:
     """Chooses the read-out and its background threshold on the calibration split (``data_dir/calib``).
 
-    Every candidate (``CANDIDATES``, or the one grouping x naming given) is scored on the calibration split with a
-    sweep of thresholds, each at its best threshold; the fastest candidate within :data:`TOLERANCE` mIoU points of
-    the best wins (:func:`prefer_fastest`). Returns it and every candidate's sweep.
+    Every candidate (``CANDIDATES``, or those matching the grouping, naming and blocks given) is scored on the
+    calibration split with a sweep of thresholds, each at its best threshold; the fastest candidate within
+    :data:`TOLERANCE` mIoU points of the best wins (:func:`prefer_fastest`). A masked-attention candidate whose k
+    reaches as deep as an earlier one's (k = 2 and "all" on a 2-block encoder) is the same read-out and is skipped.
+    Returns it and every candidate's sweep (keys: :func:`readout_key`).
     """
     from .inference import Segmenter
+    from .models import ViLSeg
 
     calib = ev.load_dataset("synthetic", data_dir / "calib")
     names = calib.classes[1:]
-    candidates = [(g, n) for g, n in CANDIDATES if (grouping in (None, g)) and (naming in (None, n))]
-    if not candidates:  # an explicit pair outside the candidates
-        candidates = [(grouping or "clusters", naming or "pool")]
-    from .models import ViLSeg
-
     model = ViLSeg.from_pretrained(model_dir)
+    depth = model.image_encoder.depth
+    candidates, starts = [], set()
+    for g, n, k in CANDIDATES:
+        if grouping not in (None, g) or naming not in (None, n) or (blocks is not None and k != blocks):
+            continue
+        if n == "masked_attention":
+            start = 0 if k == "all" else max(0, depth - k)
+            if start in starts:
+                continue
+            starts.add(start)
+        candidates.append((g, n, k))
+    if not candidates:  # an explicit read-out outside the candidates
+        n = naming or "pool"
+        candidates = [(grouping or "clusters", n, (blocks or 1) if n == "masked_attention" else None)]
     protocol = ev.preset("A", "synthetic")  # the evaluator's path: vilseg eval --dataset synthetic --protocol A
     sweeps, best = {}, {}
-    for g, n in candidates:
-        predictor = ev.SegmenterScores(Segmenter(model, readout=ReadOut(g, n, threshold=None)))
+    for g, n, k in candidates:
+        readout = ReadOut(g, n, threshold=None, **({"blocks": k} if k is not None else {}))
+        predictor = ev.SegmenterScores(Segmenter(model, readout=readout))
         threshold, sweep = ev.calibrate_threshold(ev.class_score_maps(predictor, calib, protocol), len(names) + 1)
-        sweeps[f"{g}+{n}"] = sweep
-        best[(g, n)] = (threshold, 100 * sweep[threshold])
-    g, n = prefer_fastest({k: v[1] for k, v in best.items()})
-    threshold, miou = best[(g, n)]
-    readout = ReadOut(g, n, threshold=threshold, calibration={
+        sweeps[readout_key(g, n, k)] = sweep
+        best[(g, n, k)] = (threshold, 100 * sweep[threshold])
+    g, n, k = prefer_fastest({key: v[1] for key, v in best.items()})
+    threshold, miou = best[(g, n, k)]
+    readout = ReadOut(g, n, threshold=threshold, **({"blocks": k} if k is not None else {}), calibration={
         "split": str(data_dir / "calib"), "miou": miou, "rule": f"fastest within {TOLERANCE} mIoU of the best",
-        "candidates": {k: 100 * max(v.values()) for k, v in sweeps.items()}})
+        "candidates": {key: 100 * max(v.values()) for key, v in sweeps.items()}})
     return readout, sweeps
 
 
 def evaluate_model(model_dir: Path, data_dir: Path, out: Path, n_overlays: int, grouping: str | None = None,
-                   naming: str | None = None, save_readout: bool = False) -> dict:
+                   naming: str | None = None, save_readout: bool = False, blocks=None) -> dict:
     """Calibrates the read-out (:func:`calibrate`), optionally saves it beside the model, and evaluates it on the
     evaluation split with the canonical and the synonym vocabulary."""
     from .inference import Segmenter
@@ -110,12 +143,12 @@ def evaluate_model(model_dir: Path, data_dir: Path, out: Path, n_overlays: int, 
     split = ev.load_dataset("synthetic", data_dir / "eval")
     meta = json.loads((data_dir / "eval" / "meta.json").read_text())
     names = split.classes[1:]
-    readout, sweeps = calibrate(model_dir, data_dir, grouping, naming)
+    readout, sweeps = calibrate(model_dir, data_dir, grouping, naming, blocks)
     if save_readout:
         readout.save(model_dir)
     seg = Segmenter.from_pretrained(model_dir, vocabulary=names, readout=readout)
-    report = {"readout": f"{readout.grouping}+{readout.naming}", "bg_threshold": readout.threshold,
-              "calibration_sweep": sweeps[f"{readout.grouping}+{readout.naming}"],
+    key = readout_key(readout.grouping, readout.naming, readout.blocks)
+    report = {"readout": key, "bg_threshold": readout.threshold, "calibration_sweep": sweeps[key],
               "calibration": readout.calibration}
     protocol = ev.preset("A", "synthetic")
     per_query = {}
@@ -211,8 +244,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--grouping", choices=sorted(GROUPINGS), default=None,
                         help="fix the grouping (default: the calibration split chooses)")
     parser.add_argument("--naming", choices=sorted(NAMINGS), default=None,
-                        help="fix the naming: the re-encoded global embedding or pooled patch embeddings (the "
-                             "paper's); default: the calibration split chooses")
+                        help="fix the naming: pooled patch embeddings (the paper's), masked attention in the last k "
+                             "blocks, or the re-encoded global embedding; default: the calibration split chooses")
+    parser.add_argument("--blocks", default=None, type=lambda v: v if v == "all" else int(v),
+                        help="with --naming masked_attention: fix k (an int or 'all'); default: calibrated")
     parser.add_argument("--skip-train", action="store_true", help="reuse OUT/train/final")
     parser.add_argument("overrides", nargs="*", help="key=value training-config overrides")
     args = parser.parse_args(argv)
@@ -231,7 +266,7 @@ def main(argv: list[str] | None = None) -> dict:
             train_main(["--config", args.config, f"run.dir={args.out / 'train'}", f"data.shards={pattern}",
                         *args.overrides])
         report = evaluate_model(model_dir, args.data, args.out, args.overlays, args.grouping, args.naming,
-                                save_readout=True)
+                                save_readout=True, blocks=args.blocks)
     report["config"] = args.config
     report["seconds_total"] = round(time.time() - start, 1)
     (args.out / "metrics.json").write_text(json.dumps(report, indent=1))

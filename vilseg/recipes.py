@@ -7,6 +7,7 @@
     python -m vilseg.recipes --recipe slotcon --seed 0      # SlotCon pretraining, then ViL-Seg on its encoder
     python -m vilseg.recipes --recipe slotcon_only --seed 0 # SlotCon's slots as the grouping, named by text
     python -m vilseg.recipes --recipe scratch --seed 0 --scale 2   # the same recipe at twice the compute
+    python -m vilseg.recipes --recipe scratch --seed 0 --readouts  # every candidate read-out (readouts.csv)
     python -m vilseg.recipes --summarize                    # Markdown table (means and spreads) of the CSVs
     python -m vilseg.recipes --probe runs/x/final --split calib   # encoder probes of any model on one split
 
@@ -58,6 +59,7 @@ SCALING_COLUMNS = ["recipe", "seed", "budget", "steps", "miou_seen", "miou_heldo
                    "miou_heldout_pool", "patch_shape_acc", "cpu_minutes"]
 BACKBONE_COLUMNS = ["recipe", "seed", "miou_seen", "miou_heldout", "miou_seen_pool", "miou_heldout_pool",
                     "patch_shape_acc", "prompt_patch_miou", "intra_inter_overlap", "cpu_minutes"]
+READOUT_COLUMNS = ["recipe", "seed", "readout", "calib_miou", "threshold", "miou_seen", "miou_heldout"]
 PROBE_COLUMNS = ["recipe", "seed", "probe_shape_acc", "probe_colour_acc", "zeroshot_object_shape_acc",
                  "prompt_patch_miou", "prompt_patch_miou_random", "intra_inter_overlap", "intra_inter_auc",
                  "cpu_minutes"]
@@ -138,8 +140,9 @@ def check_stage_config(run_dir: Path, config: str, overrides: list[str]) -> None
         return
     old = flatten(yaml.safe_load(saved.read_text()))
     new = flatten(validate_training_config(load_config(config, overrides)))
-    # keys the schema gained after that run are left out: their defaults keep the behaviour it had
-    keys = sorted(k for k in old if str(old[k]) != str(new.get(k)))
+    # keys the schema gained after that run are left out: their defaults keep the behaviour it had; where the folder
+    # is (run.dir) does not change what was trained, so a stage folder may be moved
+    keys = sorted(k for k in old if str(old[k]) != str(new.get(k)) and k != "run.dir")
     if keys:
         shown = "; ".join(f"{k}: {old.get(k)!r} then, {new.get(k)!r} now" for k in keys[:6])
         raise ValueError(f"{run_dir} was trained with another config ({shown}); delete it or pass another --out")
@@ -191,6 +194,28 @@ def measure(model_dir: Path, data_dir: Path, out: Path, text: bool) -> dict:
         report["patch_naming"] = patch_naming_accuracy(dense, items, names)
         report["zeroshot_object_shape"] = zero_shot_object_shape(model, items, names)
     return report
+
+
+def measure_readouts(model_dir: Path, data_dir: Path, out: Path) -> list[dict]:
+    """Every candidate read-out of the demo's calibration (``demo.CANDIDATES``: pooled, masked attention at each k,
+    re-encoded), each with its own threshold calibrated on the calibration split, then scored on the evaluation
+    split: one row per read-out (``READOUT_COLUMNS`` without recipe and seed)."""
+    from . import demo
+    from .models import ViLSeg
+
+    depth, seen, rows_ = ViLSeg.from_pretrained(model_dir).image_encoder.depth, set(), []
+    for grouping, naming, blocks in demo.CANDIDATES:
+        if naming == "masked_attention":
+            start = 0 if blocks == "all" else max(0, depth - blocks)
+            if start in seen:  # the same read-out as a smaller k on this depth
+                continue
+            seen.add(start)
+        key = demo.readout_key(grouping, naming, blocks)
+        report = demo.evaluate_model(model_dir, data_dir, out / "readouts" / key, 0, grouping, naming, blocks=blocks)
+        rows_.append({"readout": key, "calib_miou": report["calibration"]["miou"], "threshold": report["bg_threshold"],
+                      "miou_seen": report["seen_queries_miou"], "miou_heldout": report["heldout_queries_miou"]})
+        print(json.dumps(rows_[-1]), flush=True)
+    return rows_
 
 
 def _trains_clusters(model_dir: Path) -> bool:
@@ -245,6 +270,13 @@ def append_row(path: Path, columns: list[str], row: dict, key: tuple[str, ...] =
         _append_row(path, columns, row, key)
 
 
+def _sortable(value: str) -> tuple:
+    try:
+        return (0, float(value), "")
+    except ValueError:
+        return (1, 0.0, value)
+
+
 def _append_row(path: Path, columns: list[str], row: dict, key: tuple[str, ...]) -> None:
     kept = []
     if path.is_file():
@@ -252,7 +284,7 @@ def _append_row(path: Path, columns: list[str], row: dict, key: tuple[str, ...])
             kept = [r for r in csv.DictReader(f) if tuple(r[k] for k in key) != tuple(str(row[k]) for k in key)]
     kept.append({k: (f"{v:.2f}" if isinstance(v, float) else v) for k, v in row.items()})
     order = list(dict.fromkeys([*RECIPES, *(r["recipe"] for r in kept)]))
-    kept.sort(key=lambda r: (order.index(r["recipe"]), *(float(r[k]) for k in key[1:])))
+    kept.sort(key=lambda r: (order.index(r["recipe"]), *(_sortable(r[k]) for k in key[1:])))
     tmp = path.with_name(path.name + ".tmp")  # written whole, then renamed: a failure leaves the old file intact
     with tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
@@ -262,13 +294,15 @@ def _append_row(path: Path, columns: list[str], row: dict, key: tuple[str, ...])
 
 
 def summarize(path: Path) -> str:
-    """Markdown table: per recipe, the mean and the spread (min-max) over seeds of every column."""
+    """Markdown table: per recipe (and read-out, in readouts.csv), the mean and the spread (min-max) over seeds of
+    every column."""
     with path.open() as f:
         table = list(csv.DictReader(f))
-    columns = [c for c in table[0] if c not in ("recipe", "seed")]
-    lines = ["| recipe | seeds | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
-    for recipe in dict.fromkeys(r["recipe"] for r in table):
-        group = [r for r in table if r["recipe"] == recipe]
+    keys = [k for k in ("recipe", "readout") if k in table[0]]
+    columns = [c for c in table[0] if c not in (*keys, "seed")]
+    lines = [f"| {' | '.join(keys)} | seeds | " + " | ".join(columns) + " |", "|---" * (len(columns) + len(keys) + 1) + "|"]
+    for group_key in dict.fromkeys(tuple(r[k] for k in keys) for r in table):
+        group = [r for r in table if tuple(r[k] for k in keys) == group_key]
         cells = []
         for c in columns:
             values = np.array([float(r[c]) for r in group])
@@ -278,7 +312,7 @@ def summarize(path: Path) -> str:
             digits = 2 if np.nanmax(np.abs(values)) < 2 else 1  # AUCs and the like
             mean, low, high = (f"{v:.{digits}f}" for v in (values.mean(), values.min(), values.max()))
             cells.append(f"**{mean}** ({low}-{high})" if len(values) > 1 else mean)
-        lines.append(f"| {recipe} | {len(group)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {' | '.join(group_key)} | {len(group)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -331,6 +365,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--scaling-row", action="store_true",
                         help="write the row to scaling.csv even at --scale 1 (the curve's first point)")
     parser.add_argument("--skip-train", action="store_true", help="measure OUT/<recipe>/seed<seed>'s last export")
+    parser.add_argument("--readouts", action="store_true",
+                        help="measure every candidate read-out of the recipe's model instead (rows to readouts.csv)")
     parser.add_argument("--summarize", action="store_true", help="print the Markdown tables of the CSVs")
     parser.add_argument("--plot-scaling", action="store_true", help="draw RESULTS/scaling.png from scaling.csv")
     parser.add_argument("--probe", type=Path, help="print the encoder probes of this model (no training)")
@@ -341,7 +377,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(plot_scaling(args.results / "scaling.csv", args.results / "scaling.png"))
         return {}
     if args.summarize:
-        tables = {name: summarize(args.results / f"{name}.csv") for name in ("backbones", "probes")
+        tables = {name: summarize(args.results / f"{name}.csv") for name in ("backbones", "probes", "readouts")
                   if (args.results / f"{name}.csv").is_file()}
         for name, table in tables.items():
             print(f"\n{name}.csv\n{table}")
@@ -369,6 +405,13 @@ def main(argv: list[str] | None = None) -> dict:
         model_dir, minutes = Path(previous["model"]), previous["cpu_minutes"]
     else:
         model_dir, minutes = train_stages(args.recipe, args.seed, pattern, args.out, args.overrides, args.scale)
+    if args.readouts:
+        found = measure_readouts(model_dir, args.data, out)
+        for row in found:
+            append_row(args.results / "readouts.csv", READOUT_COLUMNS,
+                       {"recipe": args.recipe + (f"@x{args.scale:g}" if args.scale != 1 else ""), "seed": args.seed,
+                        **row}, key=("recipe", "seed", "readout"))
+        return {"readouts": found}
     report = measure(model_dir, args.data, out, has_text(args.recipe))
     import platform
 

@@ -38,7 +38,8 @@ class SegmenterScores:
     def describe(self) -> dict:
         r = self.segmenter.readout
         return {"kind": "vilseg", "grouping": r.grouping, "naming": r.naming, "center": self.segmenter.center,
-                "calibrated_threshold": r.threshold}
+                "calibrated_threshold": r.threshold, "max_segments": r.max_segments, "min_area": r.min_area,
+                **({"blocks": r.blocks} if r.naming == "masked_attention" else {})}
 
     def calibrated_threshold(self) -> float | None:
         return self.segmenter.readout.threshold
@@ -64,12 +65,8 @@ class SegmenterScores:
         if size != (h, w):
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
         x = self.model.image_encoder.normalize(x)
-        dense = self.model.dense_embeddings(x)
         out = []
-        for i in range(b):
-            one = {k: v[i:i + 1] for k, v in dense.items()}
-            ids = self.segmenter.grouping(one)
-            emb = self.segmenter.naming(self.model, x[i:i + 1], one, ids)
+        for _, ids, emb in self.segmenter.read_batch(x):  # the Segmenter's forward, bounded grouping and naming
             sims = emb.float() @ self.vectors.t()  # [S, T]
             out.append(sims[ids].permute(2, 0, 1))  # [T, h/p, w/p]
         scores = torch.stack(out)

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from .strategies import (GROUPINGS, NAMINGS, BackgroundWordsDecision, NoDecision, SlidingWindow, ThresholdDecision)
+from .strategies import (GROUPINGS, NAMINGS, BackgroundWordsDecision, MaskedAttentionNaming, NoDecision, SlidingWindow,
+                         ThresholdDecision, bound_segments)
 from .vocabulary import DEFAULT_TEMPLATES, VocabularyIndex
 
 READOUT_FILE = "readout.json"
@@ -33,6 +34,9 @@ class ReadOut:
     grouping: str = "clusters"
     naming: str = "reencode_global"
     threshold: float | None = 0.3  # None: no background decision
+    blocks: int | str = 1  # masked_attention: the last k encoder blocks in which segments are separated, or "all"
+    min_area: int = 1  # segments with fewer patches merge into their most similar neighbour
+    max_segments: int | None = 32  # at most this many segments per image (the smallest merge): bounded naming work
     background_words: list[str] = field(default_factory=list)  # used instead of a threshold when given
     input_size: int | None = None  # short side in pixels; None: the model's training size
     calibration: dict = field(default_factory=dict)  # where and how the threshold was chosen
@@ -101,6 +105,22 @@ def load_image(image) -> Image.Image:
         raise ValueError(f"image {str(path)!r} cannot be read as an image: {exn}") from exn
 
 
+def prepare_image(image, input_size: int, patch: int, mean=None, std=None) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Image (path, PIL, array) -> ([3, h, w] CPU tensor normalised by ``mean``/``std`` (None: left in [0, 1]), short
+    side resized to ``input_size`` and both sides rounded to the patch size; the displayed (H, W)). Pure CPU work:
+    it runs in DataLoader workers."""
+    image = load_image(image)
+    width, height = image.size
+    scale = input_size / min(width, height)
+    new_w = max(patch, round(width * scale / patch) * patch)
+    new_h = max(patch, round(height * scale / patch) * patch)
+    x = torch.from_numpy(np.asarray(image.resize((new_w, new_h), Image.BILINEAR), dtype=np.float32) / 255.0)
+    x = x.permute(2, 0, 1)
+    if mean is not None:
+        x = (x - torch.as_tensor(mean, dtype=x.dtype).view(3, 1, 1)) / torch.as_tensor(std, dtype=x.dtype).view(3, 1, 1)
+    return x, (height, width)
+
+
 class Segmenter:
     """Stateful open-vocabulary segmenter: set a vocabulary once, then ``segment`` any number of images.
 
@@ -114,10 +134,12 @@ class Segmenter:
         top_k: classes listed per segment.
         tiling: a :class:`SlidingWindow` for images larger than one forward pass should take.
         device: torch device; default CUDA if available.
+        batch_size: images of one input size encoded per forward pass by :meth:`segment_batch`.
     """
 
     def __init__(self, model, vocabulary=None, readout: ReadOut | None = None, templates=DEFAULT_TEMPLATES,
-                 center: bool = True, top_k: int = 5, tiling: SlidingWindow | None = None, device=None):
+                 center: bool = True, top_k: int = 5, tiling: SlidingWindow | None = None, device=None,
+                 batch_size: int = 16):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.to(self.device).eval()
         self.readout = readout or ReadOut()
@@ -125,12 +147,19 @@ class Segmenter:
             raise ValueError(f"grouping must be one of {sorted(GROUPINGS)}, got {self.readout.grouping!r}")
         if self.readout.naming not in NAMINGS:
             raise ValueError(f"naming must be one of {sorted(NAMINGS)}, got {self.readout.naming!r}")
+        if self.readout.grouping == "dense" and self.readout.naming != "pool":
+            raise ValueError(f"the dense grouping's segments are single patches: name them with 'pool', not "
+                             f"{self.readout.naming!r}")
         self.grouping = GROUPINGS[self.readout.grouping]()
-        self.naming = NAMINGS[self.readout.naming]()
+        naming = NAMINGS[self.readout.naming]
+        self.naming = naming(self.readout.blocks) if naming is MaskedAttentionNaming else naming()
         self.templates, self.center, self.top_k = tuple(templates), center, top_k
         self.tiling = tiling or SlidingWindow()
         self.input_size = self.readout.input_size or model.config.image.img_size
         self.patch = model.image_encoder.patch_size
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size
         self.index: VocabularyIndex | None = None
         if vocabulary is not None:
             self.set_vocabulary(vocabulary)
@@ -173,20 +202,53 @@ class Segmenter:
     def preprocess(self, image) -> tuple[torch.Tensor, tuple[int, int]]:
         """Image -> ([1, 3, h, w] normalised tensor, short side resized to ``input_size`` and both sides rounded to
         the patch size; the displayed (H, W))."""
-        image = load_image(image)
-        width, height = image.size
-        scale = self.input_size / min(width, height)
-        new_w = max(self.patch, round(width * scale / self.patch) * self.patch)
-        new_h = max(self.patch, round(height * scale / self.patch) * self.patch)
-        x = torch.from_numpy(np.asarray(image.resize((new_w, new_h), Image.BILINEAR), dtype=np.float32) / 255.0)
-        return self.model.image_encoder.normalize(x.permute(2, 0, 1)[None].to(self.device)), (height, width)
+        x, size = self.prepare(image)
+        return x[None].to(self.device), size
+
+    def prepare(self, image) -> tuple[torch.Tensor, tuple[int, int]]:
+        """:func:`prepare_image` with this segmenter's input size and the model's normalisation (CPU tensor)."""
+        encoder = self.model.image_encoder
+        if not hasattr(encoder, "mean"):  # an encoder with its own normalisation (test doubles)
+            x, size = prepare_image(image, self.input_size, self.patch)
+            return encoder.normalize(x[None])[0], size
+        return prepare_image(image, self.input_size, self.patch, encoder.mean.flatten().tolist(),
+                             encoder.std.flatten().tolist())
 
     @torch.no_grad()
     def group_and_name(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[1, 3, h*p, w*p] -> ([h, w] segment ids 0..S-1, [S, E] normalised segment embeddings)."""
-        dense = self.tiling(self.model, x)
-        ids = self.grouping(dense)
-        return ids, self.naming(self.model, x, dense, ids)
+        _, ids, emb = self._read(x)
+        return ids, emb
+
+    def _read(self, x: torch.Tensor) -> tuple[dict, torch.Tensor, torch.Tensor]:
+        """The forward pass, the grouping (bounded by ``min_area``/``max_segments``) and the naming of one image."""
+        return self.read_batch(x)[0]
+
+    def read_batch(self, xs: torch.Tensor) -> list[tuple[dict, torch.Tensor, torch.Tensor]]:
+        """[B, 3, h*p, w*p] images of one size -> per image (its dense maps, [h, w] segment ids, [S, E] embeddings).
+
+        Images that fit one forward pass share it; larger ones are tiled one by one. Masked-attention naming names
+        the segments of all images in one pass; the other namings go image by image."""
+        kwargs = self.naming.dense_kwargs(self.model) if hasattr(self.naming, "dense_kwargs") else {}
+        if self.tiling.fits(self.model, xs):
+            batch = self.model.dense_embeddings(xs, **kwargs)
+            dense = [{k: v[i:i + 1] if torch.is_tensor(v) else v for k, v in batch.items()} for i in range(len(xs))]
+        else:
+            dense = [self.tiling(self.model, x[None], **kwargs) for x in xs]
+        ids = []
+        for d in dense:
+            found = self.grouping(d)
+            if self.readout.grouping != "dense":  # single patches are pooled, which costs the same for any number
+                found = bound_segments(found, d["patch_embed"][0], self.readout.min_area, self.readout.max_segments)
+            ids.append(found)
+        if isinstance(self.naming, MaskedAttentionNaming) and all("hidden" in d for d in dense):
+            start = self.naming.start_block(self.model)
+            flat = torch.stack([i.flatten() for i in ids])
+            named = self.model.segment_embeddings(torch.cat([d["hidden"] for d in dense]), flat, start)
+            embs = [named[b, : int(i.max()) + 1] for b, i in enumerate(ids)]
+        else:
+            embs = [self.naming(self.model, x[None], d, i) for x, d, i in zip(xs, dense, ids)]
+        return list(zip(dense, ids, embs))
 
     @torch.no_grad()
     def score_maps(self, image) -> tuple[torch.Tensor, np.ndarray | None]:
@@ -195,19 +257,42 @@ class Segmenter:
         if self.index is None:
             raise RuntimeError("set a vocabulary first (vocabulary=... or set_vocabulary)")
         x, size = self.preprocess(image)
-        ids, emb = self.group_and_name(x)
+        _, ids, emb = self._read(x)
         scores = self.index.scores(emb)[ids].permute(2, 0, 1)[None]  # [1, C, h, w]
         return F.interpolate(scores.float(), size=size, mode="bilinear", align_corners=False)[0].cpu(), None
 
     @torch.no_grad()
     def segment(self, image) -> SegmentationResult:
         """Segments one image (path, PIL image or uint8 array) with the current vocabulary."""
+        return self.segment_batch([image])[0]
+
+    @torch.no_grad()
+    def segment_batch(self, images: list | None = None, prepared: list | None = None) -> list[SegmentationResult]:
+        """Segments several images: those of one input size share forward passes (``batch_size`` at a time), and
+        masked-attention naming names all their segments in one pass. The results equal :meth:`segment`'s.
+
+        Args:
+            images: paths, PIL images or uint8 arrays.
+            prepared: instead of ``images``, their :meth:`prepare` outputs (e.g. from DataLoader workers).
+        """
         if self.index is None:
             raise RuntimeError("set a vocabulary first (vocabulary=... or set_vocabulary)")
-        x, (height, width) = self.preprocess(image)
-        dense = self.tiling(self.model, x)
-        ids = self.grouping(dense)
-        emb = self.naming(self.model, x, dense, ids)
+        if prepared is None:
+            prepared = [self.prepare(image) for image in images]
+        by_shape: dict[tuple, list[int]] = {}
+        for i, (x, _) in enumerate(prepared):
+            by_shape.setdefault(tuple(x.shape), []).append(i)
+        results: list = [None] * len(prepared)
+        for members in by_shape.values():
+            for start in range(0, len(members), self.batch_size):
+                chunk = members[start:start + self.batch_size]
+                xs = torch.stack([prepared[i][0] for i in chunk]).to(self.device)
+                for i, read in zip(chunk, self.read_batch(xs)):
+                    results[i] = self._result(*read, prepared[i][1])
+        return results
+
+    def _result(self, dense: dict, ids: torch.Tensor, emb: torch.Tensor, size: tuple[int, int]) -> SegmentationResult:
+        height, width = size
         top_s, top_c = self.index.search(emb, self.top_k)  # [S, k]
         background = self.decision.background(top_s[:, 0], top_c[:, 0], self.index.classes)
         labels = self._label_map(ids, emb, top_c, background, (height, width))

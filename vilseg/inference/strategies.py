@@ -2,9 +2,12 @@
 
 - **grouping**: which patches form one segment (:class:`ClusterGrouping`: the clustering head's arg-max split into
   connected segments, as ViL-Seg; :class:`DenseGrouping`: every patch alone).
+- **bounding**: :func:`bound_segments` merges segments below a minimum area, and beyond ``max_segments`` per image,
+  into their most similar neighbour, so that every naming's work per image is bounded.
 - **naming**: the embedding a segment is named by (:class:`PooledNaming`: the mean of its patch embeddings, the
-  paper's; :class:`ReencodeGlobalNaming`: the global embedding of the image re-encoded with everything outside the
-  segment blanked).
+  paper's; :class:`MaskedAttentionNaming`: every segment encoded on its own in the encoder's last k blocks, all
+  segments in one pass; :class:`ReencodeGlobalNaming`: the global embedding of the image re-encoded with everything
+  outside the segment blanked, one forward per segment).
 - **decision**: when a segment is background (:class:`ThresholdDecision`, :class:`BackgroundWordsDecision`,
   :class:`NoDecision`).
 - **tiling**: how an image too large for one forward is covered (:class:`SlidingWindow`).
@@ -17,6 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -98,6 +102,67 @@ class SlotGrouping:
 GROUPINGS = {"clusters": ClusterGrouping, "dense": DenseGrouping, "slots": SlotGrouping}
 
 
+def bound_segments(ids: torch.Tensor, patch_embed: torch.Tensor, min_area: int = 1,
+                   max_segments: int | None = None) -> torch.Tensor:
+    """Merges small segments into their best neighbour until every segment has at least ``min_area`` patches and
+    there are at most ``max_segments``.
+
+    Repeatedly, the smallest segment that breaks a bound merges into the 4-adjacent segment whose mean patch
+    embedding is most similar (cosine) to its own. The segments partition a connected grid, so every segment but a
+    lone one has a neighbour. The bookkeeping (adjacency, sums) is on S x S numpy arrays: each merge is O(S), not
+    O(h * w), so bounding a random ViT-S's 100 segments costs well under a millisecond per merge.
+
+    Args:
+        ids: [h, w] segment ids 0..S-1.
+        patch_embed: [E, h, w] normalised patch embeddings (the similarity a merge follows).
+        min_area: segments with fewer patches merge (1: none merges for its size).
+        max_segments: most segments kept (None: no cap).
+
+    Returns:
+        [h, w] segment ids 0..S'-1 (relabelled in raster order); ``ids`` itself when nothing merges.
+    """
+    if min_area < 1 or (max_segments is not None and max_segments < 1):
+        raise ValueError(f"min_area and max_segments must be >= 1, got {min_area} and {max_segments}")
+    n = int(ids.max()) + 1
+    flat = ids.flatten().cpu().numpy()
+    sizes = np.bincount(flat, minlength=n).astype(np.int64)
+    cap = max_segments or n
+    if n <= cap and sizes.min() >= min_area:
+        return ids
+    grid = ids.cpu().numpy()
+    adjacent = np.zeros((n, n), dtype=bool)
+    for a, b in ((grid[:, :-1], grid[:, 1:]), (grid[:-1], grid[1:])):
+        adjacent[a.ravel(), b.ravel()] = True
+    adjacent |= adjacent.T
+    np.fill_diagonal(adjacent, False)
+    emb = patch_embed.flatten(1).t().float().cpu().numpy()  # [N, E]
+    sums = np.zeros((n, emb.shape[1]), dtype=np.float64)
+    np.add.at(sums, flat, emb)
+    alive = np.ones(n, dtype=bool)
+    parent = np.arange(n)
+    count = n
+    while count > 1:
+        order = np.where(alive, sizes, np.iinfo(np.int64).max)
+        victim = int(order.argmin())
+        if count <= cap and sizes[victim] >= min_area:
+            break
+        neighbours = np.flatnonzero(adjacent[victim] & alive)
+        if len(neighbours) == 0:  # cannot happen on a connected grid; stop rather than loop
+            break
+        unit = sums[neighbours] / np.linalg.norm(sums[neighbours], axis=1, keepdims=True).clip(1e-12)
+        target = int(neighbours[(unit @ sums[victim]).argmax()])
+        sums[target] += sums[victim]
+        sizes[target] += sizes[victim]
+        adjacent[target] |= adjacent[victim]
+        adjacent[:, target] |= adjacent[:, victim]
+        adjacent[target, target] = False
+        alive[victim], parent[victim] = False, target
+        count -= 1
+    while not np.array_equal(parent[parent], parent):  # follow merges to their final segment
+        parent = parent[parent]
+    return relabel(torch.from_numpy(parent[grid]).to(ids.device))
+
+
 # ------------------------------------------------------------------ naming
 class PooledNaming:
     """A segment's embedding is the mean of its L2-normalised patch embeddings (masked average pooling, the
@@ -112,28 +177,66 @@ class PooledNaming:
         return F.normalize(pooled, dim=-1)
 
 
+class MaskedAttentionNaming:
+    """A segment's embedding is its global embedding when it is encoded on its own in the encoder's last ``blocks``
+    blocks, all segments of the image in one pass (:meth:`vilseg.ViLSeg.segment_embeddings`).
+
+    The image is encoded once (its patch tokens, clusters and global embedding are the usual ones); the tokens
+    entering block ``depth - k`` are kept. From there each segment has its own copy of the prefix tokens and of its
+    patch tokens, and a block-diagonal attention mask keeps every copy to its own segment. The segment's token is
+    read, normed and projected as the image embedding is. The anchors are MaskCLIP's mask class tokens (Ding et al.,
+    ICML 2023) and SAN's attention bias (Xu et al., CVPR 2023). One deviation, because vilseg's encoders are
+    average-pooled (their class token is never trained to name anything): a segment's *patch* tokens are copied too,
+    not read from the image's own, so that the segment's embedding is the mean of its own patch tokens as the image
+    embedding is the mean of the image's. The cost is the bare forward plus k blocks over ``S * P + N`` tokens.
+
+    Args:
+        blocks: k, the number of final blocks in which segments are separated: an int >= 1 or ``"all"``.
+    """
+
+    name = "masked_attention"
+
+    def __init__(self, blocks: int | str = 1):
+        if not (blocks == "all" or (isinstance(blocks, int) and not isinstance(blocks, bool) and blocks >= 1)):
+            raise ValueError(f"masked_attention blocks must be an int >= 1 or 'all', got {blocks!r}")
+        self.blocks = blocks
+
+    def start_block(self, model) -> int:
+        depth = model.image_encoder.depth
+        return 0 if self.blocks == "all" else max(0, depth - self.blocks)
+
+    def dense_kwargs(self, model) -> dict:
+        """What the image's forward must also return: the tokens entering the first separated block."""
+        return {"keep_block": self.start_block(model)}
+
+    def __call__(self, model, image: torch.Tensor, dense: dict, ids: torch.Tensor) -> torch.Tensor:
+        start = self.start_block(model)
+        hidden = dense.get("hidden") if dense.get("hidden_block") == start else None
+        if hidden is None:  # a tiled image: its tokens entering the start block, from one whole-image forward
+            hidden = model.image_encoder(image, keep_block=start).hidden
+        return model.segment_embeddings(hidden, ids.flatten()[None], start)[0]
+
+
 class ReencodeGlobalNaming:
     """A segment's embedding is the *global* embedding of the image encoded again with every pixel outside the
     segment set to the normalisation mean. With an average-pooled encoder this is the embedding the captions
     trained, and the blanked patches around the segment attend to it and carry its outline, so it names shape where
     the segment's own patch embeddings do not (docs/results.md). One extra forward pass per segment, in batches of
-    ``batch`` segments; at most ``max_segments`` (the largest) are re-encoded, the rest are pooled.
+    ``batch`` segments; the work per image is bounded by the segment cap (:func:`bound_segments`).
 
     Args:
         batch: segments re-encoded per forward pass.
-        max_segments: cap on re-encoded segments per image (None: all).
+        window: side in pixels of the window re-encoded around a segment of a large image (None: the training size).
     """
 
     name = "reencode_global"
 
-    def __init__(self, batch: int = 64, max_segments: int | None = 32, window: int | None = None):
-        self.batch, self.max_segments, self.window = batch, max_segments, window
+    def __init__(self, batch: int = 64, window: int | None = None):
+        self.batch, self.window = batch, window
 
     def __call__(self, model, image: torch.Tensor, dense: dict, ids: torch.Tensor) -> torch.Tensor:
         out = PooledNaming()(model, image, dense, ids)
-        n = out.shape[0]
-        sizes = torch.bincount(ids.flatten(), minlength=n)
-        chosen = sizes.argsort(descending=True)[: self.max_segments or n]
+        chosen = torch.arange(out.shape[0], device=ids.device)
         patch = image.shape[-1] // ids.shape[-1]
         window = (self.window or model.config.image.img_size) // patch  # in patches
         h, w = ids.shape
@@ -160,7 +263,7 @@ class ReencodeGlobalNaming:
         return image[0, :, y0 * patch:(y0 + size_y) * patch, x0 * patch:(x0 + size_x) * patch] * pixels
 
 
-NAMINGS = {"pool": PooledNaming, "reencode_global": ReencodeGlobalNaming}
+NAMINGS = {"pool": PooledNaming, "masked_attention": MaskedAttentionNaming, "reencode_global": ReencodeGlobalNaming}
 
 
 # ------------------------------------------------------------------ decision
@@ -226,13 +329,19 @@ class SlidingWindow:
 
         return [(y, min(y + window, height), x, min(x + window, width)) for y in starts(height) for x in starts(width)]
 
+    def fits(self, model, images: torch.Tensor) -> bool:
+        """Whether ``images`` take one forward pass (their patch grid is at most ``max_tokens``)."""
+        patch = model.image_encoder.patch_size
+        return (images.shape[-2] // patch) * (images.shape[-1] // patch) <= self.max_tokens
+
     @torch.no_grad()
-    def __call__(self, model, image: torch.Tensor) -> dict:
-        """[1, 3, H, W] normalised image -> the dense embeddings of the whole image (see the module docstring)."""
+    def __call__(self, model, image: torch.Tensor, **kwargs) -> dict:
+        """[1, 3, H, W] normalised image -> the dense embeddings of the whole image (see the module docstring);
+        ``kwargs`` go to ``dense_embeddings`` when the image takes one forward pass."""
         patch = model.image_encoder.patch_size
         _, _, height, width = image.shape
-        if (height // patch) * (width // patch) <= self.max_tokens:
-            return model.dense_embeddings(image)
+        if self.fits(model, image):
+            return model.dense_embeddings(image, **kwargs)
         window = self.window or model.config.image.img_size
         window = max(patch, window // patch * patch)
         stride = max(patch, (self.stride or window // 2) // patch * patch)

@@ -17,11 +17,14 @@ class ImageFeatures:
         global_token: [B, D] global embedding (mean of patch tokens, or the class token).
         patch_tokens: [B, N, D] patch tokens in raster order, N = h * w.
         grid: (h, w) patch grid of this input.
+        hidden: with ``keep_block=j``, the [B, P + N, D] tokens (P prefix tokens, then the patches) entering block j,
+            for :meth:`ImageEncoder.encode_segments`; None otherwise.
     """
 
     global_token: torch.Tensor
     patch_tokens: torch.Tensor
     grid: tuple[int, int]
+    hidden: torch.Tensor | None = None
 
 
 def tokens_to_map(patch_tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -61,12 +64,19 @@ class ImageEncoder(nn.Module):
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
-    def forward(self, images: torch.Tensor, patch_mask: torch.Tensor | None = None) -> ImageFeatures:
+    @property
+    def depth(self) -> int:
+        """Number of transformer blocks."""
+        return len(self.vit.blocks)
+
+    def forward(self, images: torch.Tensor, patch_mask: torch.Tensor | None = None,
+                keep_block: int | None = None) -> ImageFeatures:
         """Encodes normalised images.
 
         Args:
             images: [B, 3, H, W] float, already normalised with ``mean``/``std``; H and W multiples of the patch size.
             patch_mask: optional [B, h, w] or [B, N] bool, True where a patch is replaced by the mask token.
+            keep_block: also return the tokens entering this block (0..depth-1) as ``hidden``.
 
         Returns:
             ImageFeatures with [B, D] global token and [B, N, D] patch tokens.
@@ -82,12 +92,70 @@ class ImageEncoder(nn.Module):
         x = self.vit._pos_embed(x)  # [B, prefix + N, D]; resamples position embeddings to (h, w)
         x = self.vit.patch_drop(x)
         x = self.vit.norm_pre(x)
-        x = self.vit.blocks(x)
+        hidden = None
+        if keep_block is None:
+            x = self.vit.blocks(x)
+        else:
+            if not 0 <= keep_block < self.depth:
+                raise ValueError(f"keep_block must be in [0, {self.depth - 1}], got {keep_block}")
+            for i, block in enumerate(self.vit.blocks):
+                if i == keep_block:
+                    hidden = x
+                x = block(x)
         x = self.vit.norm(x)
         prefix = self.vit.num_prefix_tokens
         patches = x[:, prefix:]  # [B, N, D]
         global_token = patches.mean(1) if self.pool == "avg" else x[:, 0]
-        return ImageFeatures(global_token, patches, (h, w))
+        return ImageFeatures(global_token, patches, (h, w), hidden)
+
+    def encode_segments(self, hidden: torch.Tensor, segment_ids: torch.Tensor, start_block: int) -> torch.Tensor:
+        """Global tokens of every segment encoded on its own from block ``start_block`` on, all in one pass.
+
+        Each segment s of an image gets its own copy of the prefix tokens (the class token, registers) and of its
+        patches' tokens as they enter block ``start_block`` (``hidden``, from ``forward(..., keep_block=...)``). In the
+        remaining blocks every copy attends only to the copies of its own segment: one sequence per image of
+        ``S * P + N`` tokens under a block-diagonal attention mask (``scaled_dot_product_attention``'s boolean mask,
+        i.e. an additive bias of 0 within a segment and -inf across), so the image's own tokens are not touched. A
+        segment's global token is then read as :meth:`forward` reads an image's: the final norm, then the mean of its
+        patch tokens (``pool="avg"``) or its class token (``pool="token"``). With ``start_block=0`` and one segment
+        covering the image, this is :meth:`forward`'s ``global_token`` exactly; with ``start_block=0`` in general it
+        is the segment encoded as an image of its own patches (at their positions), nothing else.
+
+        Args:
+            hidden: [B, P + N, D] tokens entering block ``start_block``.
+            segment_ids: [B, N] int64 segment of every patch, 0..S_b-1 per image (every id present).
+            start_block: first block in which segments are separated (depth - k for the last k blocks).
+
+        Returns:
+            [B, S, D] segment tokens, S = the largest S_b; rows past an image's S_b are zeros.
+        """
+        b, total, d = hidden.shape
+        prefix = self.vit.num_prefix_tokens
+        n = total - prefix
+        if segment_ids.shape != (b, n):
+            raise ValueError(f"segment_ids must be [{b}, {n}], got {list(segment_ids.shape)}")
+        counts = segment_ids.max(1).values + 1  # [B]
+        s_max = int(counts.max())
+        length = s_max * prefix + n
+        # token sequence per image: S_max copies of the prefix tokens, then the patches; group = segment id
+        seg_of_prefix = torch.arange(s_max, device=hidden.device).repeat_interleave(prefix)  # [S_max * P]
+        groups = torch.cat([seg_of_prefix.expand(b, -1), segment_ids], 1)  # [B, length]
+        unused = groups >= counts[:, None]  # prefix copies of segments an image does not have
+        position = torch.arange(length, device=hidden.device).expand(b, -1)
+        groups = torch.where(unused, -1 - position, groups)  # each unused copy is a group of its own
+        x = torch.cat([hidden[:, :prefix].repeat(1, s_max, 1), hidden[:, prefix:]], 1)  # [B, length, D]
+        mask = (groups[:, :, None] == groups[:, None, :])[:, None]  # [B, 1, length, length]
+        for block in self.vit.blocks[start_block:]:
+            x = block(x, attn_mask=mask)
+        x = self.vit.norm(x)
+        if self.pool == "token":
+            out = x[:, : s_max * prefix : prefix]  # the class token of each segment's copy
+        else:
+            sums = x.new_zeros(b, s_max, d).scatter_add_(1, segment_ids[..., None].expand(-1, -1, d), x[:, s_max * prefix:])
+            sizes = torch.zeros(b, s_max, device=x.device, dtype=x.dtype).scatter_add_(
+                1, segment_ids, torch.ones_like(segment_ids, dtype=x.dtype))
+            out = sums / sizes.clamp_min(1)[..., None]
+        return out * (torch.arange(s_max, device=x.device)[None] < counts[:, None])[..., None]
 
     def normalize(self, images01: torch.Tensor) -> torch.Tensor:
         """Maps [B, 3, H, W] images in [0, 1] to the encoder's input normalisation."""

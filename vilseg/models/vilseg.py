@@ -137,15 +137,20 @@ class ViLSeg(nn.Module):
         tokens = feats.patch_tokens.detach() if detach else feats.patch_tokens
         return tokens_to_map(self.cluster_head(tokens), feats.grid)
 
-    def dense_embeddings(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def dense_embeddings(self, images: torch.Tensor, keep_block: int | None = None) -> dict[str, torch.Tensor]:
         """Inference view of one batch of normalised images.
+
+        Args:
+            images: [B, 3, H, W] normalised.
+            keep_block: also return the tokens entering this encoder block (for :meth:`segment_embeddings`).
 
         Returns:
             dict with ``patch_embed`` [B, E, h, w] (L2-normalised joint-space patch embeddings),
-            ``cluster_probs`` [B, C, h, w], ``image_embed`` [B, E] (normalised) and, with a slot head,
-            ``slot_dots`` [B, K, h, w] (every patch's cosine to the K prototypes).
+            ``cluster_probs`` [B, C, h, w], ``image_embed`` [B, E] (normalised), with a slot head ``slot_dots``
+            [B, K, h, w] (every patch's cosine to the K prototypes), and with ``keep_block`` ``hidden`` [B, P + N, D]
+            and ``hidden_block`` (an int).
         """
-        feats = self.image_encoder(images)
+        feats = self.image_encoder(images, keep_block=keep_block)
         out = {
             "patch_embed": tokens_to_map(self.embed_patches(feats.patch_tokens), feats.grid),
             "cluster_probs": self.cluster_logits(feats).softmax(1),
@@ -153,7 +158,15 @@ class ViLSeg(nn.Module):
         }
         if self.slot_head is not None:
             out["slot_dots"] = self.slot_head(feats.patch_tokens, feats.grid)[1]
+        if keep_block is not None:
+            out["hidden"], out["hidden_block"] = feats.hidden, keep_block
         return out
+
+    def segment_embeddings(self, hidden: torch.Tensor, segment_ids: torch.Tensor, start_block: int) -> torch.Tensor:
+        """[B, P + N, D] tokens entering ``start_block``, [B, N] segment ids -> [B, S, E] normalised joint-space
+        embeddings of every segment encoded on its own from that block on (:meth:`ImageEncoder.encode_segments`),
+        projected exactly as the image embedding is."""
+        return self.embed_image(self.image_encoder.encode_segments(hidden, segment_ids, start_block))
 
     forward = dense_embeddings
 
