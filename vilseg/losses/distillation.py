@@ -35,6 +35,24 @@ def distillation_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], 
         return torch.stack(terms).mean()
 
 
+def embedding_distillation(predicted: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Cosine distillation of embeddings: with p_i the predictions, t_i the (normalised) targets and V the valid
+    pairs, ``L = 1 - 1/|V| sum_{i in V} cos(p_i, t_i)``.
+
+    Args:
+        predicted: [..., E] predictions (gradient flows; normalised here).
+        targets: [..., E] normalised targets.
+        valid: [...] bool.
+
+    Returns:
+        the loss; 0 (connected to the graph) when no pair is valid.
+    """
+    cosine = (F.normalize(predicted, dim=-1) * targets).sum(-1)
+    if not valid.any():
+        return 0.0 * predicted.sum()
+    return 1 - cosine[valid].mean()
+
+
 def region_distillation(patch_embed: torch.Tensor, boxes: torch.Tensor, targets: torch.Tensor,
                         valid: torch.Tensor) -> torch.Tensor:
     """Region distillation (CLIPSelf, Wu et al. 2024): a crop's embedding, read from the dense patch embeddings of a
@@ -67,8 +85,4 @@ def region_distillation(patch_embed: torch.Tensor, boxes: torch.Tensor, targets:
     rois = torch.cat([index, boxes.reshape(-1, 4).to(patch_embed.dtype) * scale], 1)
     pooled = roi_align(patch_embed, rois, output_size=(1, 1), spatial_scale=1.0, sampling_ratio=-1,
                        aligned=True).flatten(1)  # [B * L, E]
-    cosine = (F.normalize(pooled, dim=-1) * targets.reshape(-1, targets.shape[-1])).sum(-1)
-    mask = valid.reshape(-1)
-    if not mask.any():
-        return 0.0 * pooled.sum()
-    return 1 - cosine[mask].mean()
+    return embedding_distillation(pooled, targets.reshape(-1, targets.shape[-1]), valid.reshape(-1))

@@ -108,54 +108,57 @@ class ImageEncoder(nn.Module):
         global_token = patches.mean(1) if self.pool == "avg" else x[:, 0]
         return ImageFeatures(global_token, patches, (h, w), hidden)
 
-    def encode_segments(self, hidden: torch.Tensor, segment_ids: torch.Tensor, start_block: int) -> torch.Tensor:
+    def encode_segments(self, hidden: torch.Tensor, masks: torch.Tensor, start_block: int) -> torch.Tensor:
         """Global tokens of every segment encoded on its own from block ``start_block`` on, all in one pass.
 
         Each segment s of an image gets its own copy of the prefix tokens (the class token, registers) and of its
         patches' tokens as they enter block ``start_block`` (``hidden``, from ``forward(..., keep_block=...)``). In the
         remaining blocks every copy attends only to the copies of its own segment: one sequence per image of
-        ``S * P + N`` tokens under a block-diagonal attention mask (``scaled_dot_product_attention``'s boolean mask,
-        i.e. an additive bias of 0 within a segment and -inf across), so the image's own tokens are not touched. A
-        segment's global token is then read as :meth:`forward` reads an image's: the final norm, then the mean of its
-        patch tokens (``pool="avg"``) or its class token (``pool="token"``). With ``start_block=0`` and one segment
-        covering the image, this is :meth:`forward`'s ``global_token`` exactly; with ``start_block=0`` in general it
-        is the segment encoded as an image of its own patches (at their positions), nothing else.
+        ``S * P + sum_s |s|`` tokens under a block-diagonal attention mask (``scaled_dot_product_attention``'s boolean
+        mask, i.e. an additive bias of 0 within a segment and -inf across), so the image's own tokens are not
+        touched. A segment's global token is then read as :meth:`forward` reads an image's: the final norm, then the
+        mean of its patch tokens (``pool="avg"``) or its class token (``pool="token"``). With ``start_block=0`` and
+        one segment covering the image this is :meth:`forward`'s ``global_token`` exactly; with ``start_block=0`` in
+        general it is the segment encoded as an image of its own patches (at their positions), nothing else.
+        Segments may overlap (training regions) or partition the image (the Segmenter's).
 
         Args:
             hidden: [B, P + N, D] tokens entering block ``start_block``.
-            segment_ids: [B, N] int64 segment of every patch, 0..S_b-1 per image (every id present).
+            masks: [B, S, N] bool, the patches of each segment (an empty segment reads zeros).
             start_block: first block in which segments are separated (depth - k for the last k blocks).
 
         Returns:
-            [B, S, D] segment tokens, S = the largest S_b; rows past an image's S_b are zeros.
+            [B, S, D] segment tokens.
         """
         b, total, d = hidden.shape
         prefix = self.vit.num_prefix_tokens
-        n = total - prefix
-        if segment_ids.shape != (b, n):
-            raise ValueError(f"segment_ids must be [{b}, {n}], got {list(segment_ids.shape)}")
-        counts = segment_ids.max(1).values + 1  # [B]
-        s_max = int(counts.max())
-        length = s_max * prefix + n
-        # token sequence per image: S_max copies of the prefix tokens, then the patches; group = segment id
-        seg_of_prefix = torch.arange(s_max, device=hidden.device).repeat_interleave(prefix)  # [S_max * P]
-        groups = torch.cat([seg_of_prefix.expand(b, -1), segment_ids], 1)  # [B, length]
-        unused = groups >= counts[:, None]  # prefix copies of segments an image does not have
-        position = torch.arange(length, device=hidden.device).expand(b, -1)
-        groups = torch.where(unused, -1 - position, groups)  # each unused copy is a group of its own
-        x = torch.cat([hidden[:, :prefix].repeat(1, s_max, 1), hidden[:, prefix:]], 1)  # [B, length, D]
-        mask = (groups[:, :, None] == groups[:, None, :])[:, None]  # [B, 1, length, length]
+        if masks.dim() != 3 or masks.shape[0] != b or masks.shape[2] != total - prefix:
+            raise ValueError(f"masks must be [{b}, S, {total - prefix}], got {list(masks.shape)}")
+        s, device = masks.shape[1], hidden.device
+        # candidate slots: (segment, token) for every token; a slot is used if the token is a prefix token or one of
+        # the segment's patches. The used slots of an image, in order, are its sequence.
+        used = torch.cat([masks.new_ones(b, s, prefix), masks], 2).flatten(1)  # [B, S * (P + N)]
+        source = torch.arange(total, device=device).repeat(s)  # token of each slot
+        group = torch.arange(s, device=device).repeat_interleave(total)  # segment of each slot
+        counts = used.sum(1)
+        length = int(counts.max())
+        order = torch.argsort((~used).to(torch.uint8), dim=1, stable=True)[:, :length]  # used slots first
+        src, grp = source[order], group[order]  # [B, length]
+        position = torch.arange(length, device=device)[None]
+        valid = position < counts[:, None]
+        grp = torch.where(valid, grp, -1 - position)  # padding: each slot a group of its own
+        x = torch.gather(hidden, 1, src[..., None].expand(-1, -1, d))
+        mask = (grp[:, :, None] == grp[:, None, :])[:, None]  # [B, 1, length, length]
         for block in self.vit.blocks[start_block:]:
             x = block(x, attn_mask=mask)
         x = self.vit.norm(x)
-        if self.pool == "token":
-            out = x[:, : s_max * prefix : prefix]  # the class token of each segment's copy
-        else:
-            sums = x.new_zeros(b, s_max, d).scatter_add_(1, segment_ids[..., None].expand(-1, -1, d), x[:, s_max * prefix:])
-            sizes = torch.zeros(b, s_max, device=x.device, dtype=x.dtype).scatter_add_(
-                1, segment_ids, torch.ones_like(segment_ids, dtype=x.dtype))
-            out = sums / sizes.clamp_min(1)[..., None]
-        return out * (torch.arange(s_max, device=x.device)[None] < counts[:, None])[..., None]
+        # read-out: the class token's copy (token pooling) or the mean of the patch copies (average pooling)
+        take = valid & (src == 0) if self.pool == "token" else valid & (src >= prefix)
+        index = torch.where(take, grp, 0)[..., None].expand(-1, -1, d)
+        weight = take.to(x.dtype)[..., None]
+        sums = x.new_zeros(b, s, d).scatter_add(1, index, x * weight)
+        sizes = x.new_zeros(b, s, 1).scatter_add(1, index[..., :1], weight)
+        return sums / sizes.clamp_min(1)
 
     def normalize(self, images01: torch.Tensor) -> torch.Tensor:
         """Maps [B, 3, H, W] images in [0, 1] to the encoder's input normalisation."""

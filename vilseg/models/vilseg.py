@@ -162,11 +162,13 @@ class ViLSeg(nn.Module):
             out["hidden"], out["hidden_block"] = feats.hidden, keep_block
         return out
 
-    def segment_embeddings(self, hidden: torch.Tensor, segment_ids: torch.Tensor, start_block: int) -> torch.Tensor:
-        """[B, P + N, D] tokens entering ``start_block``, [B, N] segment ids -> [B, S, E] normalised joint-space
-        embeddings of every segment encoded on its own from that block on (:meth:`ImageEncoder.encode_segments`),
-        projected exactly as the image embedding is."""
-        return self.embed_image(self.image_encoder.encode_segments(hidden, segment_ids, start_block))
+    def segment_embeddings(self, hidden: torch.Tensor, masks: torch.Tensor, start_block: int) -> torch.Tensor:
+        """[B, P + N, D] tokens entering ``start_block``, [B, S, N] bool segment masks (or [B, N] segment ids of a
+        partition, 0..S-1) -> [B, S, E] normalised joint-space embeddings of every segment encoded on its own from
+        that block on (:meth:`ImageEncoder.encode_segments`), projected exactly as the image embedding is."""
+        if masks.dtype != torch.bool:
+            masks = F.one_hot(masks, int(masks.max()) + 1).transpose(1, 2).bool()
+        return self.embed_image(self.image_encoder.encode_segments(hidden, masks, start_block))
 
     forward = dense_embeddings
 
