@@ -35,6 +35,34 @@ def _build(args) -> dict:
     return manifest
 
 
+def expand_shards(patterns: list[str]) -> list[str]:
+    """Brace patterns, globs and folders (their ``*.tar``, sorted) -> shard paths.
+
+    Raises:
+        FileNotFoundError: a pattern that names no existing shard, or a folder without one, naming it.
+    """
+    import glob
+    import os
+
+    import braceexpand
+
+    out = []
+    for pattern in patterns:
+        if os.path.isdir(pattern):
+            found = sorted(glob.glob(os.path.join(pattern, "*.tar")))
+            if not found:
+                raise FileNotFoundError(f"{pattern!r} is a folder with no .tar shard in it")
+            out += found
+            continue
+        expanded = [p for b in braceexpand.braceexpand(pattern) for p in (sorted(glob.glob(b)) or [b])]
+        missing = [p for p in expanded if not os.path.isfile(p)]
+        if missing:
+            shown = ", ".join(repr(m) for m in missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+            raise FileNotFoundError(f"{pattern!r}: {len(missing)} of {len(expanded)} shard(s) do not exist: {shown}")
+        out += expanded
+    return out
+
+
 def main(argv: list[str] | None = None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "synthetic":
@@ -77,11 +105,13 @@ def main(argv: list[str] | None = None):
             return _build(args)
         except (ValueError, FileNotFoundError, KeyError) as exn:  # bad input: one line naming it, exit code 2
             parser.exit(2, f"python -m data_prep build: error: {exn.args[0] if exn.args else exn}\n")
-    import braceexpand
-
     from .check import check_shards
 
-    report = check_shards([s for pattern in args.shards for s in braceexpand.braceexpand(pattern)])
+    try:
+        shards = expand_shards(args.shards)
+    except FileNotFoundError as exn:
+        parser.exit(2, f"python -m data_prep check: error: {exn}\n")
+    report = check_shards(shards)
     print(json.dumps(report, indent=1))
     if report["problems"]:
         sys.exit(1)

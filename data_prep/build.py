@@ -191,7 +191,8 @@ def build(items: Iterable, out: str | Path, opts: Options, shard_count: int | No
         random.Random(shuffle_seed).shuffle(items)
     sink = ShardSink(out, prefix, shard_count, shard_bytes, len(done), start_index)
     pending = ((i, item) for i, item in enumerate(items) if i >= start_index)
-    bar = tqdm(desc="data_prep", unit="img", initial=start_index, disable=not progress, mininterval=1)
+    bar = tqdm(desc="data_prep", unit="img", initial=start_index, mininterval=1,
+               disable=None if progress else True)  # None: a bar only on a terminal
     end = start_index
     worker = _Worker(opts)
     with _pool(workers) as pool:

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 from PIL import Image, ImageOps
 
-SKIP_REASONS = ("zero_byte", "truncated", "not_an_image", "decompression_bomb", "missing_file", "empty_caption",
-                "too_small", "bad_aspect", "duplicate", "unsafe_path", "outside_input", "unreadable")
+SKIP_REASONS = ("zero_byte", "truncated", "not_an_image", "decompression_bomb", "missing_file", "missing_caption",
+                "empty_caption", "too_small", "bad_aspect", "duplicate", "unsafe_path", "outside_input", "unreadable")
 
 # Pillow's own bomb limit is ~89.5 Mpx (warning) / 179 Mpx (error); we refuse above this many pixels outright.
 DEFAULT_MAX_PIXELS = 89_478_485
@@ -145,6 +145,9 @@ def process(raw: RawSample, opts: Options) -> Result:
         return res
     if raw.data is None:
         res.reason = "missing_file"
+        return res
+    if not raw.captions:  # no caption at all (e.g. an image without its sidecar .txt), not an empty one
+        res.reason = "missing_caption"
         return res
     captions = [c for c in (clean_caption(c, opts) for c in raw.captions) if c]
     if not captions:

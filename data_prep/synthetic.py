@@ -33,7 +33,7 @@ def write_train_shards(out: Path, n: int, per_shard: int, image_size: int, seed:
     world = SyntheticWorld("train", image_size=image_size, seed=seed)
     out.mkdir(parents=True, exist_ok=True)
     with wds.ShardWriter(str(out / "train-%06d.tar"), maxcount=per_shard, verbose=0) as sink:
-        for i in tqdm(range(n), desc="train shards", unit="img", mininterval=2):
+        for i in tqdm(range(n), desc="train shards", unit="img", mininterval=2, disable=None):
             scene = world.scene(i)
             meta = {"index": i, "seed": seed, "objects": scene.objects, "source": "vilseg.synthetic"}
             sink.write({"__key__": f"{i:08d}", "png": _png(scene.image), "txt": scene.caption,
@@ -47,7 +47,7 @@ def write_eval_split(out: Path, n: int, image_size: int, seed: int, split: str =
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
     captions = {}
-    for i in tqdm(range(n), desc=f"{out.name} split", unit="img", mininterval=2):
+    for i in tqdm(range(n), desc=f"{out.name} split", unit="img", mininterval=2, disable=None):
         scene = world.scene(i)
         key = f"{i:06d}"
         Image.fromarray(scene.image).save(out / "images" / f"{key}.png")

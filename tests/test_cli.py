@@ -1,5 +1,6 @@
 """The `vilseg` command on real photographs (scikit-image's public-domain ones), and every bad input it must name."""
 import json
+from pathlib import Path
 import shutil
 import subprocess
 import sys
@@ -77,7 +78,7 @@ def test_standard_input_globs_and_vocabulary_files(model_dir, photos, tmp_path, 
     import io
 
     vocab = tmp_path / "vocab.txt"
-    vocab.write_text("person, astronaut\ncoffee cup, mug\n")
+    vocab.write_text("# one class per line, its names separated by |\nperson|astronaut\ncoffee cup|mug\n")
     # a stand-in for sys.stdin (with close(), which DataLoader worker processes call on theirs)
     monkeypatch.setattr(sys, "stdin", type("S", (), {"buffer": io.BytesIO((photos / "a" / "coffee.jpg").read_bytes()),
                                                      "close": lambda self: None})())
@@ -100,13 +101,17 @@ def test_a_corrupt_image_is_named_and_the_others_are_still_segmented(model_dir, 
 
 
 @pytest.mark.parametrize("case", ["missing_model", "corrupt_weights", "foreign_weights", "empty_classes",
-                                  "empty_vocab_file", "unknown_vocab", "no_input", "out_is_a_file"])
+                                  "empty_alias", "empty_vocab_file", "unknown_vocab", "no_input", "out_is_a_file",
+                                  "no_names", "index_and_classes", "threshold", "top_k", "batch_size"])
 def test_bad_input_gets_one_line_and_exit_code_2(case, model_dir, photos, tmp_path, capsys):
     model, classes, images, out = model_dir, ["--classes", "person"], [photos / "a" / "camera.png"], tmp_path / "o"
     expected = {"missing_model": "model folder", "corrupt_weights": "model.safetensors",
-                "foreign_weights": "model.safetensors", "empty_classes": "names no class",
-                "empty_vocab_file": "is empty", "unknown_vocab": "no vocabulary 'klingon'",
-                "no_input": "matches no file", "out_is_a_file": "is a file"}[case]
+                "foreign_weights": "model.safetensors", "empty_classes": "entry 1 is empty",
+                "empty_alias": "entry 2 is empty", "empty_vocab_file": "is empty",
+                "unknown_vocab": "no vocabulary 'klingon'", "no_input": "matches no file",
+                "out_is_a_file": "is a file", "no_names": "give the classes", "index_and_classes": "--classes and --index",
+                "threshold": "--threshold 5.0", "top_k": "--top-k", "batch_size": "--batch-size"}[case]
+    extra = []
     if case == "missing_model":
         model = tmp_path / "nowhere"
     elif case == "corrupt_weights":
@@ -131,9 +136,68 @@ def test_bad_input_gets_one_line_and_exit_code_2(case, model_dir, photos, tmp_pa
         images = [tmp_path / "nothing-*.jpg"]
     elif case == "out_is_a_file":
         out.write_text("I am a file")
-    code, _, err = _run(capsys, "segment", *images, "--model", model, *classes, "--out", out)
+    elif case == "empty_alias":
+        classes = ["--classes", "rocket,,|"]
+    elif case == "no_names":
+        classes = []
+    elif case == "index_and_classes":
+        classes += ["--index", tmp_path]
+    else:
+        extra = {"threshold": ["--threshold", "5"], "top_k": ["--top-k", "0"], "batch_size": ["--batch-size", "0"]
+                 }.get(case, [])
+    code, _, err = _run(capsys, "segment", *images, "--model", model, *classes, *extra, "--out", out)
     assert code == 2 and expected in err, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not out.is_dir() or not any(out.iterdir())  # nothing was written
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["index", "build", "--model", "MODEL", "--classes", "cat,dog"], "needs --out"),
+    (["index", "build", "--model", "MODEL", "--out", "OUT"], "give the names to index"),
+    (["index", "build", "--model", "MODEL", "--vocab", "klingon", "--out", "OUT"], "no vocabulary 'klingon'"),
+    (["index", "query", "--model", "MODEL", "--text", "a cat"], "needs --index"),
+    (["index", "query", "--model", "MODEL", "--index", "OUT", "--text", "a cat"], "not a vilseg vocabulary index"),
+    (["eval", "--dataset", "voc21", "--root", "OUT", "--out", "r.json"], "exactly one of"),
+    (["eval", "--model", "MODEL", "--dataset", "voc21", "--root", "OUT"], "--out report.json is required"),
+    (["eval", "--model", "MODEL", "--dataset", "voc21", "--root", "OUT", "--out", "r.json"], "not a voc dataset folder"),
+    (["probe", "--model", "MODEL", "--root", "OUT", "--out", "OUT"], "OUT"),
+    (["web", "--model", "MODEL", "--port", "0"], "--port 0"),
+    (["web", "--model", "OUT"], "does not exist"),
+    (["train", "--config", "nope.yaml"], "config file 'nope.yaml' does not exist"),
+    (["train", "--config", "configs/debug.yaml", "optim.lr=abc"], "config optim.lr='abc'"),
+    (["train", "--config", "configs/debug.yaml", "optim.lr=-1"], "config optim.lr=-1"),
+    (["train", "--config", "configs/debug.yaml", "train.steps=abc"], "config train.steps='abc'"),
+    (["train", "--config", "configs/debug.yaml", "optim.betas=[0.9]"], "config optim.betas"),
+    (["train", "--config", "configs/debug.yaml", "train.checkpoint_every=0"], "train.checkpoint_every=0"),
+    (["train", "--config", "configs/debug.yaml", "data.batch_size=8.5"], "data.batch_size=8.5"),
+    (["train", "--config", "configs/debug.yaml", "train.stesp=3"], "unknown config key 'train.stesp'"),
+    (["train", "--config", "configs/debug.yaml", "objectives.foo.weight=1"], "unknown objective 'foo'"),
+    (["train", "--config", "configs/debug.yaml", "objectives.xm.weigth=1"], "valid options: ['weight']"),
+    (["train", "--config", "configs/debug.yaml", "data.shards=missing-{000..001}.tar"], "missing-000.tar"),
+])
+def test_every_command_names_a_bad_input_in_one_line_with_exit_2(argv, expected, model_dir, tmp_path, capsys,
+                                                                  monkeypatch):
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the configs/ of the repository
+    argv = [str(model_dir) if a == "MODEL" else str(tmp_path / "missing") if a == "OUT" else a for a in argv]
+    if argv[0] == "web":
+        pytest.importorskip("gradio")
+    code, out, err = _run(capsys, *argv)
+    assert code == 2, (argv, out, err)
+    first, *rest = err.strip().splitlines()
+    assert expected.replace("OUT", str(tmp_path / "missing")) in first, err
+    # one line names the problem; only a dataset's expected layout follows it, indented
+    assert all(line.startswith("  ") for line in rest) and "Traceback" not in err + out, err
+
+
+def test_python_m_vilseg_train_names_a_bad_value_in_one_line(tmp_path):
+    """The same errors through `python -m vilseg.train` (what `accelerate launch vilseg/train.py` runs)."""
+    repo = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "-m", "vilseg.train", "--config", "configs/debug.yaml", "optim.lr=abc",
+                          f"run.dir={tmp_path / 'run'}"], cwd=repo, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines() == [
+        "vilseg train: config optim.lr='abc': Input should be a valid number, unable to parse string as a number"]
+    assert not (tmp_path / "run").exists()  # checked before anything was written
 
 
 def test_vocabulary_free_mode_names_segments_from_a_packaged_vocabulary(model_dir, photos, tmp_path, capsys):
@@ -153,13 +217,57 @@ def test_index_build_query_and_segment_with_a_prebuilt_index(model_dir, photos, 
                         "-k", "3")
     assert code == 0 and out.startswith("a wall: ") and out.count("(") == 3
     code, _, err = _run(capsys, "segment", photos / "a" / "camera.png", "--model", model_dir, "--index",
-                        tmp_path / "i", "--vocab", "ade20k", "--out", tmp_path / "out")
+                        tmp_path / "i", "--out", tmp_path / "out")  # --index on its own: its names, every segment named
     assert code == 0, err
+    labels = {s["label"] for s in json.loads((tmp_path / "out" / "camera.json").read_text())["segments"]}
+    assert labels and "background" not in labels and labels <= set(json.loads(
+        (tmp_path / "i" / "vocabulary.json").read_text())["classes"])
     other = tmp_path / "other"
     create_model("vilseg-tiny").save_pretrained(other)  # another text tower: the index must refuse it
     code, _, err = _run(capsys, "segment", photos / "a" / "camera.png", "--model", other, "--index", tmp_path / "i",
-                        "--vocab", "ade20k", "--out", tmp_path / "out2")
+                        "--out", tmp_path / "out2")
     assert code == 2 and "another text encoder" in err
+
+
+def test_the_vocabulary_cache_is_shared_by_segment_and_index_build_and_keyed_by_the_text_encoder(
+        model_dir, photos, tmp_path, capsys, monkeypatch):
+    from vilseg.inference import vocabulary
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(vocabulary, "CACHE_FROM", 10)  # cache a 20-class vocabulary as if it were large
+    calls = []
+    embed = vocabulary.embed_names
+    monkeypatch.setattr(vocabulary, "embed_names", lambda *a, **k: calls.append(len(a[1])) or embed(*a, **k))
+    assert _run(capsys, "index", "build", "--model", model_dir, "--vocab", "voc20", "--out", tmp_path / "i")[0] == 0
+    assert len(calls) == 1 and len(list((tmp_path / "cache" / "vilseg" / "vocab").iterdir())) == 1
+    # segment with the same vocabulary (a vocabulary-free run: no background words added) reads the cache
+    code, _, err = _run(capsys, "segment", photos / "a" / "camera.png", "--model", model_dir, "--vocab", "voc20",
+                        "--out", tmp_path / "o")
+    assert code == 0 and len(calls) == 1, err
+    # another text encoder has another key: embedded again, cached beside
+    other = tmp_path / "other"
+    create_model("vilseg-tiny").save_pretrained(other)
+    assert _run(capsys, "index", "build", "--model", other, "--vocab", "voc20", "--out", tmp_path / "j")[0] == 0
+    assert len(calls) == 2 and len(list((tmp_path / "cache" / "vilseg" / "vocab").iterdir())) == 2
+    assert json.loads((tmp_path / "i" / "vocabulary.json").read_text())["identity"] != json.loads(
+        (tmp_path / "j" / "vocabulary.json").read_text())["identity"]
+
+
+def test_one_alias_syntax_and_duplicates_are_named(tmp_path):
+    import warnings
+
+    from vilseg.inference.vocabularies import load_vocabulary, parse_classes
+
+    vocab = tmp_path / "v.txt"
+    vocab.write_text("# comment\ntv|television|monitor\ncat\ncat\nmonitor|screen\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        names = load_vocabulary(str(vocab))
+    assert names == {"tv": ["tv", "television", "monitor"], "cat": ["cat"], "screen": ["screen"]}
+    assert [str(w.message) for w in caught] == [
+        f"{vocab}: the name 'cat' is given twice (first for class 'cat'); kept once",
+        f"{vocab}: the name 'monitor' is given twice (first for class 'tv'); kept once"]
+    assert parse_classes("tv|television,cat".split(","), "--classes") == {"tv": ["tv", "television"], "cat": ["cat"]}
 
 
 def test_every_subcommand_help_shows_an_example():

@@ -61,7 +61,7 @@ def test_every_bad_value_gets_one_line_naming_key_value_and_expectation(override
 
     with pytest.raises(ValueError) as info:
         validate_training_config(load_config("configs/demo.yaml", [override]))
-    lines = str(info.value).splitlines()[1:]
+    lines = str(info.value).splitlines()
     assert len(lines) == 1 and lines[0].strip().startswith(expected), lines
 
 

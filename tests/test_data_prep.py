@@ -58,6 +58,7 @@ def _folder(root: Path, n_good=6):
     for name, (data, caption, _) in BAD.items():
         (root / f"{name}.{'png' if name == 'bomb' else 'jpg'}").write_bytes(data)
         (root / f"{name}.txt").write_text(caption)
+    (root / "nosidecar.jpg").write_bytes(_jpeg(3))  # no caption file at all: its own reason, not an empty caption
     return root
 
 
@@ -75,7 +76,7 @@ def test_folder_input_counts_every_bad_reason_and_keeps_all_good(tmp_path):
     manifest = _build("--kind", "folder", "--input", _folder(tmp_path / "in"), "--out", tmp_path / "out")
     assert manifest["samples"] == 6
     expected = {reason: 1 for _, _, reason in BAD.values()}
-    expected["duplicate"] = 1
+    expected["duplicate"] = expected["missing_caption"] = 1
     assert manifest["skipped"] == expected
     assert _keys(manifest["pattern"]) == [f"good{i}" for i in range(6)]
     for reason in expected:
@@ -362,6 +363,12 @@ def test_check_command_prints_a_json_report(tmp_path, capsys):
     report = cli(["check", manifest["pattern"]])
     printed = json.loads(capsys.readouterr().out)
     assert printed["samples"] == report["samples"] == 6 and printed["extensions"] == {"jpg": 6, "txt": 6, "json": 6}
+    assert cli(["check", str(tmp_path / "out")])["shards"] == len(manifest["shards"])  # a folder: its shards
+    for bad, named in ((tmp_path / "nothing-*.tar", "nothing-*.tar"), (tmp_path / "in", "no .tar shard")):
+        with pytest.raises(SystemExit) as exit_:
+            cli(["check", str(bad)])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and named in err and "Traceback" not in err and len(err.splitlines()) == 1
 
 
 def test_keys_with_control_characters_are_refused():

@@ -15,8 +15,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
 SEGMENT_EXAMPLE = """example:
@@ -94,11 +92,20 @@ def load_model(directory: str):
     if not path.is_dir():
         raise UserError(f"model folder {directory!r} does not exist")
     try:
-        return ViLSeg.from_pretrained(path)
+        model = ViLSeg.from_pretrained(path)
     except FileNotFoundError as exn:
         raise UserError(str(exn)) from None
     except ValueError as exn:  # a corrupt or foreign weights file (the message names it)
         raise UserError(f"cannot load the model in {directory!r}: {str(exn).splitlines()[0][:400]}") from None
+    return model
+
+
+def print_training_notice(directory: str) -> None:
+    from .inference.segmenter import training_notice
+
+    notice = training_notice(directory)
+    if notice:
+        print(f"vilseg: {notice}", file=sys.stderr)
 
 
 def _read_stdin_image():
@@ -112,18 +119,46 @@ def _read_stdin_image():
 
 
 # ------------------------------------------------------------------ vocabulary
+def check_vocabulary_args(args, command: str) -> None:
+    """Exactly one source of names: --classes, --vocab, or (segment) a prebuilt --index."""
+    given = [f"--{k}" for k in ("classes", "vocab", "index") if getattr(args, k, None)]
+    if command == "index build":
+        given = [g for g in given if g != "--index"]
+        if len(given) != 1:
+            raise UserError("give the names to index: --classes \"cat,dog\" or --vocab NAME|FILE (one of them)")
+        return
+    if not given:
+        raise UserError("give the classes to look for (--classes \"cat,dog\"), a vocabulary (--vocab NAME|FILE) "
+                        "or a prebuilt index (--index FOLDER)")
+    if len(given) > 1:
+        raise UserError(f"give one of --classes, --vocab and --index, not {' and '.join(given)}: an index already "
+                        f"holds its names")
+
+
+def check_ranges(args) -> None:
+    """Numeric options out of range, named before any work starts."""
+    if args.threshold is not None and not -1 <= args.threshold <= 1:
+        raise UserError(f"--threshold {args.threshold} is not a cosine: give a value in [-1, 1]")
+    if args.top_k < 1:
+        raise UserError(f"--top-k must be >= 1, got {args.top_k}")
+    if args.batch_size < 1 or args.workers < 0:
+        raise UserError(f"--batch-size must be >= 1 and --workers >= 0, got {args.batch_size} and {args.workers}")
+
+
 def vocabulary_from_args(args) -> dict[str, list[str]] | str:
     """--classes "a,b" (aliases with '|': "tv|television") or --vocab NAME|FILE."""
+    from .inference.vocabularies import load_vocabulary, parse_classes
+
     if args.classes:
-        classes = {}
-        for item in args.classes.split(","):
-            names = [n.strip() for n in item.split("|") if n.strip()]
-            if names:
-                classes[names[0]] = names
-        if not classes:
-            raise UserError(f"--classes {args.classes!r} names no class")
-        return classes
-    from .inference.vocabularies import load_vocabulary
+        entries = args.classes.split(",")
+        empty = [i + 1 for i, e in enumerate(entries) if not e.replace("|", "").strip()]
+        if empty:
+            raise UserError(f"--classes {args.classes!r}: entry {empty[0]} is empty (classes are separated by ',', "
+                            f"a class's names by '|': \"tv|television,cat\")")
+        bad = [e for e in entries if any(not n.strip() for n in e.split("|"))]
+        if bad:
+            raise UserError(f"--classes {args.classes!r}: {bad[0].strip()!r} has an empty name around '|'")
+        return parse_classes(entries, "--classes")
 
     try:
         vocab = load_vocabulary(args.vocab)
@@ -136,25 +171,9 @@ def vocabulary_from_args(args) -> dict[str, list[str]] | str:
     return vocab
 
 
-def cached_index(model, vocabulary, name: str | None, templates):
-    """Builds a VocabularyIndex, or reads it from the cache (~/.cache/vilseg/vocab/), keyed by the text side's
-    identity, the names and the templates: a 20k-name vocabulary is embedded once, not on every call."""
-    from .inference import VocabularyIndex
-    from .inference.vocabulary import normalise_vocabulary, text_identity
-
-    names = normalise_vocabulary(vocabulary)
-    key = hashlib.sha256(json.dumps([text_identity(model), names, list(templates)], sort_keys=True).encode())
-    folder = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vilseg" / "vocab" / key.hexdigest()[:24]
-    if (folder / "vocabulary.json").is_file():
-        return VocabularyIndex.load(folder, model)
-    index = VocabularyIndex.build(model, names, templates)
-    if len(names) > 1000:  # worth keeping
-        index.save(folder)
-    return index
-
-
 # ------------------------------------------------------------------ segment
 def write_outputs(segmenter, image, result, out: Path, stem: str, source: str) -> None:
+    import numpy as np
     from PIL import Image
 
     labels = result.labels
@@ -181,6 +200,8 @@ class ImageFiles:
         return len(self.paths)
 
     def __getitem__(self, i: int):
+        import numpy as np
+
         from .inference.segmenter import load_image, prepare_image
 
         try:
@@ -216,7 +237,8 @@ def segment_files(segmenter, paths: list[str], stems: list[str], out: Path, work
     failed, written, pending = 0, 0, []
     buckets: dict[tuple, list] = {}
     start = time.perf_counter()
-    bar = tqdm(total=len(paths), desc="segment", unit="image", disable=not progress or len(paths) < 2)
+    bar = tqdm(total=len(paths), desc="segment", unit="image",  # disable=None: a bar only on a terminal
+               disable=True if not progress or len(paths) < 2 else None)
 
     def flush(items: list, pool) -> None:
         nonlocal written
@@ -254,19 +276,21 @@ def cmd_segment(args) -> int:
     from .inference import ReadOut, Segmenter
     from .inference.segmenter import load_image
 
-    if not args.classes and not args.vocab:
-        raise UserError("give the classes to look for (--classes \"cat,dog\") or a vocabulary (--vocab NAME|FILE)")
-    if args.batch_size < 1 or args.workers < 0:
-        raise UserError(f"--batch-size must be >= 1 and --workers >= 0, got {args.batch_size} and {args.workers}")
+    check_vocabulary_args(args, "segment")
+    check_ranges(args)
     paths = expand_inputs(args.images)  # checked before the model loads
-    vocabulary = vocabulary_from_args(args)
+    vocabulary = vocabulary_from_args(args) if not args.index else None
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {args.out!r} is a file: give a folder")
     model = load_model(args.model)
+    print_training_notice(args.model)
     readout = ReadOut.load(args.model)
     if args.threshold is not None:
         readout.threshold = args.threshold
     if args.background:
         readout.background_words = [w.strip() for w in args.background.split(",") if w.strip()]
-    if args.vocab and not args.classes and args.threshold is None and not args.background:
+    if (args.vocab or args.index) and args.threshold is None and not args.background:
         readout.threshold = None  # vocabulary-free mode: every segment gets its best name
     state = process_state()  # under `accelerate launch -m vilseg.cli segment ...` the files are split
     segmenter = Segmenter(model, readout=readout, top_k=args.top_k, batch_size=args.batch_size,
@@ -279,13 +303,12 @@ def cmd_segment(args) -> int:
         except (ValueError, FileNotFoundError) as exn:
             raise UserError(str(exn)) from None
     else:
+        from .inference.vocabulary import cached_index
+
         names = vocabulary if isinstance(vocabulary, dict) else {n: [n] for n in vocabulary}
         for word in readout.background_words:
             names.setdefault(word, [word])
-        segmenter.set_vocabulary(cached_index(model, names, args.vocab, segmenter.templates))
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {args.out!r} is a file: give a folder")
+        segmenter.set_vocabulary(cached_index(model, names, segmenter.templates, progress=None))
     out.mkdir(parents=True, exist_ok=True)
     stems = output_stems(paths)
     from_stdin = 0
@@ -320,13 +343,27 @@ def cmd_segment(args) -> int:
 def cmd_index(args) -> int:
     from .inference import VocabularyIndex
 
-    model = load_model(args.model)
     if args.action == "build":
+        if not args.out:
+            raise UserError("index build needs --out FOLDER (where the index is written)")
+        if args.index or args.text:
+            raise UserError("--index and --text are for `index query`, not `index build`")
+        check_vocabulary_args(args, "index build")
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            raise UserError(f"--out {args.out!r} is a file: give a folder")
         vocabulary = vocabulary_from_args(args)
-        index = VocabularyIndex.build(model, vocabulary, kind=args.kind)
+        model = load_model(args.model)
+        from .inference.vocabulary import cached_index
+
+        index = cached_index(model, vocabulary, kind=args.kind, progress=None)
         index.save(args.out)
         print(f"indexed {len(index)} classes ({len(index.vectors)} names, {index.kind}) in {args.out}")
         return 0
+    if not args.index or not args.text:
+        raise UserError("index query needs --index FOLDER and --text 'some words' ...")
+    if args.k < 1:
+        raise UserError(f"-k must be >= 1, got {args.k}")
+    model = load_model(args.model)
     try:
         index = VocabularyIndex.load(args.index, model)
     except (ValueError, FileNotFoundError) as exn:
@@ -358,7 +395,13 @@ def cmd_eval(args) -> int:
         raise UserError("--out report.json is required")
     dataset = load_dataset(args.dataset, args.root)
     if args.predictions:
-        report = ev.score_predictions(args.predictions, dataset, on_error=args.on_error)
+        try:
+            report = ev.score_predictions(args.predictions, dataset, on_error=args.on_error, missing=args.missing)
+        except ev.PredictionsError as exn:
+            lines = str(exn).splitlines()
+            for line in lines[1:]:
+                print(f"vilseg: error: {line}", file=sys.stderr)
+            raise UserError(lines[0]) from None
     else:
         protocol = ev.preset(args.protocol, args.dataset)
         protocol = ev.apply_overrides(protocol, (["pamr=true"] if args.pamr else []) + list(args.set or []))
@@ -376,7 +419,7 @@ def cmd_eval(args) -> int:
         report["source"]["folder"] = args.model or args.pretrained
     if ev.runner.process_state().is_main_process:
         ev.write_report(report, args.out)
-        print(f"mIoU {report['miou']:.2f} ({report['images']} images) -> {args.out}")
+        print(ev.coverage(report))
     return 1 if report["skipped"] else 0
 
 
@@ -423,8 +466,34 @@ def cmd_probe(args) -> int:
 
 
 def cmd_train(args, rest: list[str]) -> int:
+    """Checks the config here (one line per problem, exit 2), then starts ``accelerate launch vilseg/train.py``.
+    Without an accelerate config file (``accelerate config``) and without ``--launch-args``, the launch gets explicit
+    single-process defaults, so accelerate does not warn about guessing them."""
+    from .errors import ConfigError
+    from .train import check_config
+
+    overrides = [a for a in rest if not a.startswith("-")]
+    unknown = [a for a in rest if a.startswith("-")]
+    if unknown:
+        raise UserError(f"unknown option(s) {unknown} for vilseg train (see vilseg train --help)")
+    try:
+        check_config(args.config, overrides)
+    except ConfigError as exn:
+        raise UserError(str(exn).replace("\n", "; ")) from None
+    from accelerate.commands.config import default_config_file
+
+    launch_args = list(args.launch_args)
+    if not launch_args and not Path(default_config_file).is_file():
+        for option, value in (("--num_processes", "1"), ("--num_machines", "1"), ("--mixed_precision", "no"),
+                              ("--dynamo_backend", "no")):
+            if not any(a == option or a.startswith(option + "=") for a in launch_args):
+                launch_args += [option, value]
     script = Path(__file__).resolve().parent / "train.py"
-    launch = [sys.executable, "-m", "accelerate.commands.launch", *args.launch_args, str(script), *rest]
+    train_args = (["--config", args.config] if args.config else []) + (
+        ["--resume", *([args.resume] if args.resume != "latest" else [])] if args.resume else [])
+    # --quiet: a failed run's own traceback is enough; accelerate would add a CalledProcessError after it
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--quiet", *launch_args, str(script), *overrides,
+              *train_args]
     return subprocess.call(launch)
 
 
@@ -433,7 +502,10 @@ def cmd_web(args) -> int:
         from .web import launch
     except ImportError as exn:
         raise UserError(f"the web demo needs the `web` extra: pip install 'vilseg[web]' ({exn})") from None
+    if not 0 < args.port < 65536:
+        raise UserError(f"--port {args.port} is not a port number (1-65535)")
     model = load_model(args.model)
+    print_training_notice(args.model)
     launch(model, args.model, host=args.host, port=args.port)
     return 0
 
@@ -441,7 +513,10 @@ def cmd_web(args) -> int:
 # ------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
     formatter = argparse.RawDescriptionHelpFormatter
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="vilseg", description=__doc__, formatter_class=formatter)
+    parser.add_argument("--version", action="version", version=f"vilseg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("segment", help="segment images with a free vocabulary", epilog=SEGMENT_EXAMPLE,
@@ -462,15 +537,16 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="example:\n  vilseg index build --model runs/demo/train/final --vocab imagenet21k "
                               "--out vocab21k/\n  vilseg index query --model runs/demo/train/final --index vocab21k/ "
                               "--text 'a red circle' -k 5")
-    i.add_argument("action", choices=("build", "query"))
-    i.add_argument("--model", required=True)
-    i.add_argument("--vocab", help="build: a packaged vocabulary or a file")
-    i.add_argument("--classes", help="build: comma-separated classes")
-    i.add_argument("--kind", choices=("auto", "flat", "hnsw"), default="auto")
+    i.add_argument("action", choices=("build", "query"), help="build an index, or look texts up in one")
+    i.add_argument("--model", required=True, help="the model folder whose text side embeds the names")
+    i.add_argument("--vocab", help="build: a packaged vocabulary or a file (one class per line, names '|'-separated)")
+    i.add_argument("--classes", help='build: comma-separated classes; aliases with "|": "tv|television,cat"')
+    i.add_argument("--kind", choices=("auto", "flat", "hnsw"), default="auto",
+                   help="exact (flat) or approximate (hnsw) search; auto: hnsw from 5,000 names")
     i.add_argument("--out", help="build: output folder")
     i.add_argument("--index", help="query: an index folder")
     i.add_argument("--text", nargs="+", default=[], help="query: texts to look up")
-    i.add_argument("-k", type=int, default=5)
+    i.add_argument("-k", type=int, default=5, help="query: classes listed per text")
 
     e = sub.add_parser("eval", help="mIoU on a standard benchmark or the synthetic world, protocol A or B",
                        formatter_class=formatter, epilog=EVAL_EXAMPLE)
@@ -488,6 +564,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, help="the first N images only")
     e.add_argument("--on-error", choices=("skip", "stop"), default="skip",
                    help="an unreadable image: skip it and count it (exit 1), or stop (exit 2)")
+    e.add_argument("--missing", choices=("fail", "background"), default="fail",
+                   help="with --predictions: an image without a prediction fails the run (default), or is scored "
+                        "as all background (the report lists them)")
     e.add_argument("--out", help="the report (JSON)")
     e.add_argument("--convert-coco-object", action="store_true",
                    help="write COCO-Object *_instanceTrainIds.png beside COCO-Stuff's labelTrainIds under --root")
@@ -505,7 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="synthetic", choices=sorted(DATASET_KEYS))
     p.add_argument("--root", required=True, help="the dataset folder")
     p.add_argument("--size", type=int, help="input short side (default: the model's training size; timm: 224)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="output folder (probes.json and the similarity histogram PNG)")
 
     t = sub.add_parser("train", help="accelerate launch vilseg/train.py ...", formatter_class=formatter,
                        epilog="example:\n  vilseg train --config configs/demo.yaml "
@@ -513,22 +592,32 @@ def build_parser() -> argparse.ArgumentParser:
                               "  vilseg train --launch-args='--multi_gpu --num_processes 8' --config ...\n"
                               "everything after the options goes to vilseg/train.py (see its --help)")
     t.add_argument("--launch-args", default="", help="options for accelerate launch, quoted")
+    t.add_argument("--config", help="experiment YAML, layered on configs/default.yaml")
+    t.add_argument("--resume", nargs="?", const="latest", default=None,
+                   help="continue from run.dir's latest checkpoint, or from the given checkpoint folder")
+    t.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.steps=100")
 
     w = sub.add_parser("web", help="the web demo (Gradio; the `web` extra)", formatter_class=formatter,
                        epilog="example:\n  vilseg web --model runs/demo/train/final --port 7860")
-    w.add_argument("--model", required=True)
-    w.add_argument("--host", default="127.0.0.1")
-    w.add_argument("--port", type=int, default=7860)
+    w.add_argument("--model", required=True, help="a model folder (save_pretrained; its readout.json is used)")
+    w.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
+    w.add_argument("--port", type=int, default=7860, help="port to serve on")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    warnings.formatwarning = lambda message, *args, **kwargs: f"vilseg: warning: {message}\n"
     parser = build_parser()
     if argv and argv[0] == "train":  # everything after our own options is train.py's
         args, rest = parser.parse_known_args(argv)
         args.launch_args = args.launch_args.split()
-        return cmd_train(args, rest)
+        try:
+            return cmd_train(args, [*args.overrides, *rest])
+        except UserError as exn:
+            fail(str(exn))
     args = parser.parse_args(argv)
     handlers = {"segment": cmd_segment, "index": cmd_index, "eval": cmd_eval, "probe": cmd_probe, "web": cmd_web}
     try:

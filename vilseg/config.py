@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from .errors import ConfigError, ConfigFileError, ConfigKeyError, ConfigTypeError
 
 FREE_FORM = {"model.overrides", "objectives"}
 DEFAULT_NAME = "default.yaml"
@@ -43,15 +44,15 @@ def _merge(base: dict, delta: dict, source: str, prefix: str = "", replace_free:
         if path in FREE_FORM:
             value = value if value is not None else {}
             if not isinstance(value, dict):
-                raise TypeError(f"config key {path!r} in {source} must be a mapping, got {value!r}")
+                raise ConfigTypeError(f"config key {path!r} in {source} must be a mapping, got {value!r}")
             out[key] = value if replace_free else _deep_merge(base.get(key) or {}, value)
             continue
         if key not in base:
             valid = ", ".join(sorted(map(str, base)))
-            raise KeyError(f"unknown config key {path!r} in {source}; valid keys here: {valid}")
+            raise ConfigKeyError(f"unknown config key {path!r} in {source}; valid keys here: {valid}")
         if isinstance(base[key], dict):
             if not isinstance(value, dict):
-                raise TypeError(f"config key {path!r} in {source} must be a mapping, got {value!r}")
+                raise ConfigTypeError(f"config key {path!r} in {source} must be a mapping, got {value!r}")
             out[key] = _merge(base[key], value, source, f"{path}.", replace_free)
         else:
             out[key] = value
@@ -60,17 +61,17 @@ def _merge(base: dict, delta: dict, source: str, prefix: str = "", replace_free:
 
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
-        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+        raise ConfigFileError(f"config file {str(path)!r} does not exist")
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
-        raise TypeError(f"config file {str(path)!r} must hold a mapping at top level")
+        raise ConfigTypeError(f"config file {str(path)!r} must hold a mapping at top level")
     return data
 
 
 def parse_override(text: str) -> dict:
     """``"train.steps=10"`` -> ``{"train": {"steps": 10}}`` (values parsed as YAML)."""
     if "=" not in text:
-        raise ValueError(f"override {text!r} is not of the form key=value")
+        raise ConfigError(f"override {text!r} is not of the form key=value")
     key, raw = text.split("=", 1)
     value = yaml.safe_load(raw) if raw != "" else None
     for part in reversed(key.strip().split(".")):
@@ -254,5 +255,5 @@ def validate_training_config(cfg: dict) -> Config:
             message = f"expected {err['loc'][-1] + 1} values" if err["type"] == "missing" else err["msg"]
             found.setdefault(f"config {'.'.join(key)}={value!r}", []).append(message)
         lines = [head + (": " + " or ".join(dict.fromkeys(m)) if m else "") for head, m in found.items()]
-        raise ValueError("invalid training config:\n  " + "\n  ".join(lines)) from None
+        raise ConfigError("\n".join(lines)) from None
     return Config(checked.model_dump(mode="json"))

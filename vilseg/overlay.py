@@ -19,15 +19,26 @@ def colourise(labels: np.ndarray) -> np.ndarray:
     return PALETTE[1:][(labels - 1) % (len(PALETTE) - 1)] * (labels > 0)[..., None]
 
 
+MAX_SIDE = 1024  # an overlay panel's longest side, in pixels (the label map PNG keeps the image's full size)
+
+
 def render_overlay(image: Image.Image, labels: np.ndarray, names: list[str], path, min_side: int = 256,
-                   truth: np.ndarray | None = None) -> Path:
+                   truth: np.ndarray | None = None, max_side: int = MAX_SIDE) -> Path:
     """Writes image | prediction (| ground truth) plus a legend of the labels present.
 
-    Label panels show each label's colour over a greyscale copy of the image; background is left pale grey.
+    Label panels show each label's colour over a greyscale copy of the image; background is left pale grey. Small
+    images are enlarged (integer factor) to ``min_side``; large ones are shrunk so that a panel's longest side is at
+    most ``max_side`` (a 6000 x 4000 photo's overlay is then 2 x 1024 wide, not 12,000).
     """
-    scale = max(1, int(np.ceil(min_side / min(image.size))))
-    size = (image.size[0] * scale, image.size[1] * scale)
-    base = np.asarray(image.resize(size, Image.NEAREST), dtype=np.float32)
+    if max(image.size) > max_side:
+        factor = max_side / max(image.size)
+        size = (max(1, round(image.size[0] * factor)), max(1, round(image.size[1] * factor)))
+    else:
+        scale = max(1, int(np.ceil(min_side / min(image.size))))
+        scale = max(1, min(scale, max_side // max(image.size)))
+        size = (image.size[0] * scale, image.size[1] * scale)
+    base = np.asarray(image.resize(size, Image.BILINEAR if size[0] < image.size[0] else Image.NEAREST),
+                      dtype=np.float32)
     # label colours go over a greyscale copy: blended with a colourful image they would be unreadable
     grey = np.asarray(image.convert("L").convert("RGB").resize(size, Image.NEAREST), dtype=np.float32)
 

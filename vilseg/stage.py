@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .models.vilseg import CONFIG_NAME, WEIGHTS_NAME
+from .errors import ConfigError, ConfigFileError
 
 PREFIX = "image_encoder."
 
@@ -29,7 +30,7 @@ def load_timm_checkpoint(vit: nn.Module, path: str | Path) -> tuple[list[str], l
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"timm checkpoint {str(path)!r} does not exist")
+        raise ConfigFileError(f"timm checkpoint {str(path)!r} does not exist")
     keys = timm.models.load_checkpoint(vit, str(path), strict=False, filter_fn=checkpoint_filter_fn)
     return list(keys.missing_keys), list(keys.unexpected_keys)
 
@@ -57,18 +58,18 @@ def init_image_encoder(model: nn.Module, source: str | Path) -> dict:
 
         for name in (CONFIG_NAME, WEIGHTS_NAME):
             if not (source / name).is_file():
-                raise FileNotFoundError(f"model.init_from={str(source)!r}: {name} not found (not a vilseg export)")
+                raise ConfigFileError(f"model.init_from={str(source)!r}: {name} not found (not a vilseg export)")
         wanted = [k for k in state if k.startswith(PREFIX)]
         with safe_open(str(source / WEIGHTS_NAME), framework="pt") as f:
             available = set(f.keys())
             missing = [k for k in wanted if k not in available]
             if missing:
-                raise ValueError(f"model.init_from={str(source)!r} lacks image-encoder tensors {missing[:5]} "
+                raise ConfigError(f"model.init_from={str(source)!r} lacks image-encoder tensors {missing[:5]} "
                                  f"({len(missing)} in all): was it built with another image encoder?")
             loaded = {k: f.get_tensor(k) for k in wanted}
         for k, v in loaded.items():
             if v.shape != state[k].shape:
-                raise ValueError(f"model.init_from={str(source)!r}: {k} has shape {tuple(v.shape)}, this model's "
+                raise ConfigError(f"model.init_from={str(source)!r}: {k} has shape {tuple(v.shape)}, this model's "
                                  f"has {tuple(state[k].shape)}")
         model.load_state_dict(loaded, strict=False)
         kind = "vilseg export (image encoder only); source config: " + json.loads(
@@ -79,7 +80,7 @@ def init_image_encoder(model: nn.Module, source: str | Path) -> dict:
         names = [PREFIX + "vit." + k for k in model.image_encoder.vit.state_dict() if k not in set(missing)]
         kind = "timm checkpoint"
     else:
-        raise FileNotFoundError(f"model.init_from={str(source)!r} is neither a vilseg export directory nor a "
+        raise ConfigFileError(f"model.init_from={str(source)!r} is neither a vilseg export directory nor a "
                                 f"checkpoint file")
     loaded_set = set(names)
     new = [k for k in state if k not in loaded_set]

@@ -20,6 +20,7 @@ if __name__ == "__main__":  # `accelerate launch vilseg/train.py` puts vilseg/ f
 import argparse
 import copy
 import json
+import os
 import math
 import time
 from collections import Counter
@@ -33,6 +34,7 @@ from vilseg.config import flatten, load_config, save_config, validate_training_c
 from vilseg.models import create_model
 from vilseg.objectives import EMATeacher, Learner, build_objectives, ema_momentum
 from vilseg.stage import freeze_unused, init_image_encoder
+from vilseg.errors import ConfigError, ConfigFileError
 
 
 def parse_args(argv):
@@ -42,6 +44,20 @@ def parse_args(argv):
                         help="continue from run.dir's latest checkpoint, or from the given checkpoint directory")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100")
     return parser.parse_args(argv)
+
+
+def check_config(config: str | None, overrides: list[str]):
+    """The validated training config, with everything that can be checked before a model exists: every key's type
+    and range, the objectives and their options, and the shards (local files exist). Raises ConfigError, naming the
+    key or file; ``vilseg train`` runs this before it starts accelerate."""
+    from vilseg.data.stream import resolve_shards
+    from vilseg.objectives import REGISTRY, check_objectives
+
+    cfg = validate_training_config(load_config(config, overrides))
+    objectives = check_objectives(dict(cfg.objectives))
+    captions = any("captions" in REGISTRY[name].needs for name in objectives)
+    resolve_shards(cfg.data.shards, captions)
+    return cfg
 
 
 def build_model(cfg) -> tuple[nn.Module, dict | None]:
@@ -119,9 +135,6 @@ def build_loader(cfg, model, needs: frozenset[str]):
     if "corrupted" in needs:
         grid = global_size // image_cfg.patch_size
         masking = BlockMasking((grid, grid), tuple(cfg.data.masking.ratio), cfg.data.masking.min_block)
-    if cfg.data.shards is None:
-        raise ValueError("data.shards is not set: give a shard pattern, e.g. data.shards='data/train-{000..009}.tar', "
-                         "or (image-only stages) a folder of images")
     stream = make_train_stream(cfg.data.shards, crop, cfg.data.batch_size, seed=cfg.run.seed,
                                resampled=cfg.data.resampled, shuffle_buffer=cfg.data.shuffle_buffer,
                                captions=captions, swap_groups=cfg.data.hard_negative_groups if captions else None,
@@ -155,6 +168,26 @@ def make_accelerator(cfg, run_dir: Path):
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")))
 
 
+TRAINING_FILE = "training.json"  # beside an export's weights: what it was trained on
+
+
+def training_record(cfg, state: TrainState) -> dict:
+    """What an export was trained on (its ``training.json``): the data, the objectives, the steps, the stage it
+    started from, and whether the data is vilseg's synthetic world of coloured shapes (then ``vilseg segment`` and
+    the web demo say so: such a model names nothing else). The synthetic world is recognised by ``synthetic:N`` or
+    by the ``world`` entry of the shards' ``manifest.json`` (written by ``python -m data_prep.synthetic``)."""
+    shards = cfg.data.shards
+    synthetic = isinstance(shards, str) and shards.startswith("synthetic:")
+    if isinstance(shards, str) and not synthetic:
+        manifest = Path(shards.split("::")[0]).parent / "manifest.json"
+        try:
+            synthetic = "world" in json.loads(manifest.read_text())
+        except (OSError, ValueError):
+            pass
+    return {"data": {"shards": shards, "synthetic_world": bool(synthetic)}, "objectives": sorted(cfg.objectives),
+            "steps": state.step, "init_from": cfg.model.init_from, "model": cfg.model.name}
+
+
 def export(accelerator, model, run_dir: Path, state: TrainState, summary: dict, cfg, captions: bool) -> Path:
     """Writes the final model (safetensors + config) and train_summary.json; returns the model directory.
 
@@ -178,6 +211,7 @@ def export(accelerator, model, run_dir: Path, state: TrainState, summary: dict, 
                                          variance=cfg.train.text_subspace)
             summary = {**summary, "text_subspace_dim": k}
         model.save_pretrained(tmp_dir)
+        write_text_atomic(tmp_dir / TRAINING_FILE, json.dumps(training_record(cfg, state), indent=1))
         replace_folder(tmp_dir, final_dir)
         summary = {"steps": state.step, **summary, "processes": accelerator.num_processes,
                    "distributed_type": str(accelerator.distributed_type), "skipped_samples": dict(skipped),
@@ -188,12 +222,15 @@ def export(accelerator, model, run_dir: Path, state: TrainState, summary: dict, 
     return final_dir
 
 
-def log_init(accelerator, run_dir: Path, report: dict | None, frozen: list[str]) -> None:
+def log_init(accelerator, run_dir: Path, report: dict | None, frozen: list[str], resuming: bool = False) -> None:
     """Says where the image encoder came from (which tensors loaded, which are new) and what no objective trains;
-    writes the full lists to run_dir/init_report.json."""
+    writes the full lists to run_dir/init_report.json. A resumed run's weights come from its checkpoint: nothing is
+    said about initialisation then."""
     if not accelerator.is_main_process:
         return
-    if report is None:
+    if resuming:
+        pass
+    elif report is None:
         accelerator.print("model: every tensor initialised from scratch (model.init_from is null)")
     else:
         accelerator.print(f"model.init_from {report['source']} ({report['kind']}): loaded {len(report['loaded'])} "
@@ -211,7 +248,7 @@ def main(argv: list[str] | None = None) -> Path:
     from tqdm.auto import tqdm
 
     args = parse_args(argv)
-    cfg = validate_training_config(load_config(args.config, args.overrides))
+    cfg = check_config(args.config, args.overrides)
     run_dir = Path(cfg.run.dir)
     accelerator = make_accelerator(cfg, run_dir)
     set_seed(cfg.run.seed)
@@ -220,7 +257,7 @@ def main(argv: list[str] | None = None) -> Path:
         save_config(cfg, run_dir / "config.yaml")
     model, init_report = build_model(cfg)
     learner, teacher, frozen = build_learner(cfg, model)
-    log_init(accelerator, run_dir, init_report, frozen)
+    log_init(accelerator, run_dir, init_report, frozen, resuming=bool(args.resume))
     optimizer = build_optimizer(learner, cfg)
     scheduler = build_scheduler(optimizer, cfg)
     loader = build_loader(cfg, model, learner.needs)
@@ -233,7 +270,7 @@ def main(argv: list[str] | None = None) -> Path:
         if ckpt is None:  # killed before its first checkpoint was complete: a requeued job starts over
             accelerator.print(f"--resume: no complete checkpoint under {run_dir / 'checkpoints'}; starting at step 0")
         elif not ckpt.is_dir():
-            raise FileNotFoundError(f"--resume {args.resume}: no such checkpoint folder")
+            raise ConfigFileError(f"--resume {args.resume}: no such checkpoint folder")
         else:
             load_checkpoint(accelerator, ckpt, state, scheduler, teacher)
             accelerator.print(f"resumed from {ckpt} at step {state.step}")
@@ -332,5 +369,18 @@ def cli() -> None:
     main()
 
 
+def cli(argv: list[str] | None = None) -> None:
+    """The command-line entry (``python -m vilseg.train``, ``accelerate launch vilseg/train.py``, ``vilseg train``): a
+    configuration or input error is reported as one line per problem on stderr (by the first process only) with exit
+    status 2, before training starts; any other failure keeps its traceback."""
+    try:
+        main(argv)
+    except ConfigError as exn:
+        if int(os.environ.get("RANK", "0")) == 0:
+            for line in str(exn).splitlines():
+                print(f"vilseg train: {line.strip()}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -52,18 +52,16 @@ def build_app(model, model_dir: str | Path):
             key = vocabulary
             names = vocabulary
         else:
-            names = {}
-            for item in (classes or "").split(","):
-                parts = [p.strip() for p in item.split("|") if p.strip()]
-                if parts:
-                    names[parts[0]] = parts
+            from .inference.vocabularies import parse_classes
+
+            names = parse_classes((classes or "").split(","), "classes")
             if not names:
                 raise gr.Error("type at least one class, or pick a vocabulary")
             key = repr(sorted(names.items()))
         if key not in indexes:
-            from .cli import cached_index
+            from .inference.vocabulary import cached_index
 
-            indexes[key] = cached_index(model, names, None, segmenter.templates)
+            indexes[key] = cached_index(model, names, segmenter.templates)
         segmenter.set_vocabulary(indexes[key])
         segmenter.readout.threshold = threshold
         result = segmenter.segment(image)
@@ -74,8 +72,12 @@ def build_app(model, model_dir: str | Path):
         return str(out), rows
 
     with gr.Blocks(title="vilseg", analytics_enabled=False) as app:
+        from .inference.segmenter import training_notice
+
+        notice = training_notice(model_dir)
         gr.Markdown("# vilseg: open-vocabulary segmentation\nA model trained on image-caption pairs alone names "
-                    f"the segments of any image with your words. Model: `{model_dir}`")
+                    f"the segments of any image with your words. Model: `{model_dir}`"
+                    + (f"\n\n**{notice[0].upper() + notice[1:]}**" if notice else ""))
         with gr.Row():
             image = gr.Image(type="pil", label="image", elem_id="input-image")
             with gr.Column():

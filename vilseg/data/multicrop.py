@@ -6,6 +6,7 @@ import math
 import numpy as np
 import torch
 from PIL import Image
+from ..errors import ConfigError
 
 
 def random_resized_box(rng: np.random.Generator, width: int, height: int, scale: tuple[float, float],
@@ -48,7 +49,7 @@ class MultiCrop:
                  global_scale=(0.5, 1.0), local_scale=(0.1, 0.4), flip_p: float = 0.5,
                  mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), photometric=None, intact_first: bool = False):
         if n_global < 1:
-            raise ValueError("data.n_global must be >= 1 (view 0 is paired with the caption)")
+            raise ConfigError("data.n_global must be >= 1 (view 0 is paired with the caption)")
         self.n_global, self.n_local = n_global, n_local
         self.photometric, self.intact_first = photometric, intact_first
         self.specs = [(global_size, tuple(global_scale))] * n_global + [(local_size, tuple(local_scale))] * n_local

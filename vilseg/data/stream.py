@@ -20,6 +20,7 @@ from collections import Counter
 import numpy as np
 import torch
 from PIL import Image
+from ..errors import ConfigError, ConfigFileError
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
@@ -64,7 +65,7 @@ def expand_urls(urls: str | list[str]) -> list[str]:
     expanded = wds.shardlists.expand_urls(urls) if isinstance(urls, str) else [
         u for url in urls for u in wds.shardlists.expand_urls(url)]
     if not expanded:
-        raise FileNotFoundError(f"data.shards {urls!r} names no shard")
+        raise ConfigFileError(f"data.shards {urls!r} names no shard")
     missing = []
     for url in expanded:
         local = url[len("file:"):] if url.startswith("file:") else url
@@ -72,7 +73,7 @@ def expand_urls(urls: str | list[str]) -> list[str]:
             missing.append(local)
     if missing:
         shown = ", ".join(repr(m) for m in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise FileNotFoundError(f"{len(missing)} of {len(expanded)} shards in data.shards={urls!r} do not exist: {shown}")
+        raise ConfigFileError(f"{len(missing)} of {len(expanded)} shards in data.shards={urls!r} do not exist: {shown}")
     return expanded
 
 
@@ -305,7 +306,7 @@ def read_captions(shards, n: int) -> list[str]:
         if len(captions) >= n:
             break
     if not captions:
-        raise ValueError(f"no readable caption in data.shards={shards!r}")
+        raise ConfigError(f"no readable caption in data.shards={shards!r}")
     return captions
 
 
@@ -316,7 +317,7 @@ def list_image_files(folder: str | os.PathLike) -> list[str]:
     root = Path(folder)
     files = sorted(str(p) for p in root.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_KEYS)
     if not files:
-        raise FileNotFoundError(f"data.shards={str(folder)!r} is a folder with no image file "
+        raise ConfigFileError(f"data.shards={str(folder)!r} is a folder with no image file "
                                 f"(looked for {', '.join('.' + k for k in IMAGE_KEYS)} below it)")
     return files
 
@@ -346,7 +347,7 @@ def synthetic_urls(spec: str) -> list[str]:
     """``"synthetic:N"`` -> N scene ids of the synthetic training world (rendered in the stream, nothing on disk)."""
     count = spec[len(SYNTHETIC):] or "10000"
     if not count.isdigit() or int(count) < 1:
-        raise ValueError(f"data.shards={spec!r}: write synthetic:N with N >= 1 scenes, e.g. synthetic:2000")
+        raise ConfigError(f"data.shards={spec!r}: write synthetic:N with N >= 1 scenes, e.g. synthetic:2000")
     return [f"{SYNTHETIC}{i}" for i in range(int(count))]
 
 
@@ -363,6 +364,25 @@ def _render_synthetic():
             yield {"__key__": f"{index:08d}", "pil": Image.fromarray(scene.image), "txt": scene.caption.encode()}
 
     return stage
+
+
+def resolve_shards(shards, captions: bool = True) -> tuple[bool, bool, list[str]]:
+    """What ``data.shards`` names: (a folder of images?, synthetic scenes?, the shard URLs or image files), checked
+    as far as it can be without reading: local shards exist, a folder holds images and is not asked for captions.
+
+    Raises:
+        ConfigError: naming the setting and what is wrong with it.
+    """
+    if shards is None:
+        raise ConfigError("data.shards is not set: give a shard pattern, e.g. data.shards='data/train-{000..009}.tar', "
+                          "or (image-only stages) a folder of images")
+    folder = isinstance(shards, (str, os.PathLike)) and os.path.isdir(shards)
+    if folder and captions:
+        raise ConfigError(f"data.shards={str(shards)!r} is a folder of images: it has no captions, so it can only "
+                          f"feed objectives that need none (an image-only stage)")
+    synthetic = isinstance(shards, str) and shards.startswith(SYNTHETIC)
+    urls = list_image_files(shards) if folder else synthetic_urls(shards) if synthetic else expand_urls(shards)
+    return folder, synthetic, urls
 
 
 def make_train_stream(shards, crop, batch_size: int, seed: int = 0, resampled: bool = True,
@@ -389,12 +409,7 @@ def make_train_stream(shards, crop, batch_size: int, seed: int = 0, resampled: b
     """
     import webdataset as wds
 
-    folder = isinstance(shards, (str, os.PathLike)) and os.path.isdir(shards)
-    if folder and captions:
-        raise ValueError(f"data.shards={str(shards)!r} is a folder of images: it has no captions, so it can only "
-                         f"feed objectives that need none (an image-only stage)")
-    synthetic = isinstance(shards, str) and shards.startswith(SYNTHETIC)
-    urls = list_image_files(shards) if folder else synthetic_urls(shards) if synthetic else expand_urls(shards)
+    folder, synthetic, urls = resolve_shards(shards, captions)
     skip_log = SkipLog()
     if resampled:
         # Every (rank, worker) draws its own sequence: deterministic=True seeds it with rank*1000+worker.

@@ -198,7 +198,7 @@ def _find(root: Path, layout: str) -> Path:
         if (candidate / MARKERS[layout]).exists():
             return candidate
     raise DatasetError(f"{root}: not a {layout} dataset folder (no {MARKERS[layout]}); expected this layout under "
-                       f"--root (or --root pointing inside it):\n{tree}")
+                       f"--root (or --root pointing inside it):\n" + "\n".join("  " + line for line in tree.splitlines()))
 
 
 def _split_ids(path: Path, tree: str) -> list[str]:

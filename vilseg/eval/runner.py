@@ -152,7 +152,8 @@ def evaluate(predictor, dataset: Dataset, protocol: Protocol, names: str | None 
     acc, skipped = IoUAccumulator(n), []
     items = dataset.items[:limit] if limit else dataset.items
     mine = _process_slice(items)
-    for item in tqdm(mine, desc=f"{dataset.name} ({protocol.name})", disable=not progress, mininterval=2):
+    for item in tqdm(mine, desc=f"{dataset.name} ({protocol.name})", mininterval=2,
+                     disable=None if progress else True):  # None: a bar only on a terminal
         image, label = _read(dataset, item, on_error, skipped)
         if image is None:
             continue
@@ -173,6 +174,7 @@ def evaluate(predictor, dataset: Dataset, protocol: Protocol, names: str | None 
                 "names": names or protocol.names, "queried_names": per_class_names}
     report = _report(acc, dataset, settings, predictor.describe(), len(items), skipped, int(state[-1]))
     report["processes"] = process_state().num_processes
+    report["limit"], report["split_images"] = limit, len(dataset.items)
     return report
 
 
@@ -184,31 +186,80 @@ def _report(acc: IoUAccumulator, dataset: Dataset, settings: dict | None, source
             "skipped": n_skipped, "skipped_files": skipped, "source": source, "protocol": settings}
 
 
-def score_predictions(pred_dir: str | Path, dataset: Dataset, on_error: str = "skip", progress: bool = True) -> dict:
+class PredictionsError(ValueError):
+    """Prediction files that are missing, unreadable or of the wrong size: one line per file in the message."""
+
+
+def check_predictions(pred_dir: Path, dataset: Dataset) -> tuple[list[str], list[str]]:
+    """Every image's prediction, checked before any scoring from the PNG headers alone: (ids without a prediction,
+    one line per prediction that cannot be read or is not the size of its ground truth)."""
+    missing, bad = [], []
+    for item in dataset.items:
+        path = pred_dir / f"{item.id}.png"
+        if not path.is_file():
+            missing.append(item.id)
+            continue
+        try:
+            with Image.open(path) as im:
+                size = im.size
+            with Image.open(item.label) as im:
+                truth = im.size
+        except Exception as exn:  # PIL raises several types for broken files
+            bad.append(f"{path}: cannot be read ({exn})")
+            continue
+        if size != truth:
+            bad.append(f"{path}: prediction is {size[0]}x{size[1]} pixels, its ground truth {truth[0]}x{truth[1]}")
+    return missing, bad
+
+
+def score_predictions(pred_dir: str | Path, dataset: Dataset, on_error: str = "skip", progress: bool = True,
+                      missing: str = "fail") -> dict:
     """mIoU of label-map PNGs that any method saved: ``pred_dir/<image id>.png``, pixel value = class index in the
-    dataset's label space (after its label handling: e.g. 0..19 for V20)."""
+    dataset's label space (after its label handling: e.g. 0..19 for V20).
+
+    Every image of the split must have its prediction, of its ground truth's size: a missing, unreadable or
+    mis-sized prediction fails the run before anything is scored (:class:`PredictionsError`, one line per file),
+    because leaving an image out changes the score. With ``missing="background"`` a missing prediction is scored as
+    all background (class 0 of a dataset with a background class) and the report lists those images
+    (``missing_predictions``). An unreadable *ground-truth* file is handled by ``on_error`` as in :func:`evaluate`
+    (skipped and counted in ``skipped``, or raised).
+    """
+    if missing not in ("fail", "background"):
+        raise ValueError(f"missing must be 'fail' or 'background', got {missing!r}")
     pred_dir = Path(pred_dir)
     if not pred_dir.is_dir():
         raise FileNotFoundError(f"--predictions {pred_dir}: no such folder")
+    absent, bad = check_predictions(pred_dir, dataset)
+    if missing == "background" and absent and not dataset.background:
+        raise PredictionsError(f"--missing background: {dataset.name} has no background class to score "
+                               f"{len(absent)} missing prediction(s) as")
+    problems = bad + ([] if missing == "background" else
+                      [f"{pred_dir / (i + '.png')}: no prediction for image {i}" for i in absent])
+    if problems:
+        hint = " (or --missing background)" if absent and missing == "fail" and dataset.background else ""
+        raise PredictionsError(f"{len(problems)} of {len(dataset.items)} predictions are missing or unusable"
+                               f"{hint}:\n" + "\n".join(problems))
+    absent_set = set(absent)
     acc, skipped = IoUAccumulator(len(dataset.classes)), []
-    for item in tqdm(dataset.items, desc=f"{dataset.name} (predictions)", disable=not progress, mininterval=2):
-        path = pred_dir / f"{item.id}.png"
+    for item in tqdm(dataset.items, desc=f"{dataset.name} (predictions)", mininterval=2,
+                     disable=None if progress else True):
         try:
-            if not path.is_file():
-                raise FileNotFoundError(f"{path}: no prediction for image {item.id}")
-            with Image.open(path) as im:
-                pred = np.array(im)
             label = dataset.label(item)
-            if pred.shape != label.shape:
-                raise ValueError(f"{path}: prediction is {pred.shape[::-1]} pixels, ground truth {label.shape[::-1]}")
         except (OSError, ValueError) as exn:
             if on_error == "stop":
                 raise
             skipped.append({"id": item.id, "error": str(exn)})
             continue
+        if item.id in absent_set:
+            pred = np.zeros_like(label)  # all background
+        else:
+            with Image.open(pred_dir / f"{item.id}.png") as im:
+                pred = np.array(im)
         acc.update(pred, label)
-    return _report(acc, dataset, None, {"kind": "predictions", "folder": str(pred_dir)}, len(dataset.items),
-                   skipped, len(skipped))
+    report = _report(acc, dataset, None, {"kind": "predictions", "folder": str(pred_dir)}, len(dataset.items),
+                     skipped, len(skipped))
+    report["missing_predictions"] = sorted(absent_set)
+    return report
 
 
 def write_report(report: dict, out: str | Path) -> Path:
@@ -220,9 +271,24 @@ def write_report(report: dict, out: str | Path) -> Path:
     tmp.replace(out)
     title = f"{report['dataset']}" + (f", protocol {report['protocol']['name']}" if report["protocol"] else "")
     print(markdown_table(report["per_class"], report["miou"], title))
-    if report["skipped"]:
-        print(f"skipped {report['skipped']} unreadable image(s); see skipped_files in {out}")
+    print(coverage(report) + f"; report: {out}")
     return out
+
+
+def coverage(report: dict) -> str:
+    """One line saying which images the mIoU is over: all of the split, or a subset and why."""
+    total = report["images"] + report["skipped"]
+    line = f"mIoU {report['miou']:.2f} over "
+    if report["skipped"]:
+        line += (f"a SUBSET: {report['images']} of {total} images ({report['skipped']} unreadable image(s) left out, "
+                 f"see skipped_files)")
+    else:
+        line += f"all {total} images"
+    if report.get("limit") and report["limit"] < report.get("split_images", 0):
+        line += f" (--limit {report['limit']}: a SUBSET, the first of the split's {report['split_images']} images)"
+    if report.get("missing_predictions"):
+        line += f"; {len(report['missing_predictions'])} missing prediction(s) scored as all background"
+    return line
 
 
 # ------------------------------------------------------------------ calibration (the demo's background threshold)

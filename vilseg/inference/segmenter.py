@@ -58,6 +58,21 @@ class ReadOut:
         return cls(**data)
 
 
+def training_notice(directory) -> str | None:
+    """A one-line notice when the model in ``directory`` was trained on vilseg's synthetic world (its
+    ``training.json``, written at export), else None: such a model knows coloured shapes only."""
+    path = Path(directory) / "training.json"
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not record.get("data", {}).get("synthetic_world"):
+        return None
+    return (f"note: this model was trained on the synthetic world of coloured shapes "
+            f"(data.shards={record['data'].get('shards')!r}); it can name only those, so on photographs its labels "
+            f"mean nothing. Train on image-caption data (README, 'Train') for real images.")
+
+
 @dataclass
 class SegmentationResult:
     """Output of :meth:`Segmenter.segment` for one image of H x W pixels (as displayed: EXIF orientation applied).

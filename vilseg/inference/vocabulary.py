@@ -62,16 +62,68 @@ def normalise_vocabulary(vocabulary) -> dict[str, list[str]]:
     return out
 
 
-@torch.no_grad()
-def embed_names(model, names: list[str], templates=DEFAULT_TEMPLATES, batch_size: int = 512) -> torch.Tensor:
-    """[N, E]: every name embedded with every template in batches, averaged over templates, L2-normalised."""
+@torch.inference_mode()
+def embed_names(model, names: list[str], templates=DEFAULT_TEMPLATES, batch_size: int = 512,
+                progress: bool | None = False) -> torch.Tensor:
+    """[N, E]: every name embedded with every template in batches, averaged over templates, L2-normalised.
+
+    Prompts are batched in order of length, so that a batch pads to similar lengths (the tokenizer pads to the
+    longest prompt of its batch: ImageNet-21k's names run from 1 to 20 words), and put back in order after.
+    ``progress``: a progress bar (None: only on a terminal)."""
+    from tqdm.auto import tqdm
+
     device = model.logit_scale.device
     prompts = [t.format(n) for n in names for t in templates]
-    out = []
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out = torch.empty(len(prompts), model.text_proj.out_features)
+    bar = tqdm(total=len(names), desc="embedding names", unit="name", disable=progress is False or len(names) < 2000,
+               mininterval=1)
     for i in range(0, len(prompts), batch_size):
-        out.append(model.encode_texts(prompts[i:i + batch_size]).float().to(device))
-    emb = torch.cat(out).view(len(names), len(templates), -1).mean(1)
+        chunk = order[i:i + batch_size]
+        out[chunk] = model.encode_texts([prompts[j] for j in chunk]).float().cpu()
+        bar.update(len(chunk) / len(templates))
+    bar.close()
+    emb = out.to(device).view(len(names), len(templates), -1).mean(1)
     return F.normalize(emb, dim=-1).cpu()
+
+
+CACHE_FROM = 1000  # names: smaller vocabularies embed in a second or two and are not cached
+
+
+def cache_folder() -> Path:
+    """Where embedded vocabularies are kept: ``$XDG_CACHE_HOME/vilseg/vocab`` (default ``~/.cache/vilseg/vocab``)."""
+    import os
+
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vilseg" / "vocab"
+
+
+def cached_index(model, vocabulary, templates=DEFAULT_TEMPLATES, center: bool = True, kind: str = "auto",
+                 progress: bool | None = None) -> "VocabularyIndex":
+    """:meth:`VocabularyIndex.build`, through a cache shared by ``vilseg segment``, ``vilseg index build`` and the web
+    demo: keyed by the text side's identity (:func:`text_identity`), the names with their aliases, the templates and
+    the centring, so that a vocabulary of ``CACHE_FROM`` names or more is embedded once per text encoder (ImageNet-21k:
+    minutes the first time, a second after). The cache is a folder per key under :func:`cache_folder`, written to a
+    temporary folder and renamed, so an interrupted write leaves no half entry."""
+    import os
+    import shutil
+    import tempfile
+
+    names = normalise_vocabulary(vocabulary)
+    key = hashlib.sha256(json.dumps([text_identity(model), names, list(templates), bool(center)],
+                                    sort_keys=True).encode()).hexdigest()[:24]
+    folder = cache_folder() / key
+    if (folder / META_FILE).is_file() and (folder / VECTORS_FILE).is_file():
+        return VocabularyIndex.load(folder, model, kind=kind)
+    index = VocabularyIndex.build(model, names, templates, center=center, kind=kind, progress=progress)
+    if sum(len(a) for a in names.values()) >= CACHE_FROM:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=folder.parent))
+        index.save(tmp)
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another process cached it meanwhile
+            shutil.rmtree(tmp, ignore_errors=True)
+    return index
 
 
 class VocabularyIndex:
@@ -119,7 +171,7 @@ class VocabularyIndex:
 
     @classmethod
     def build(cls, model, vocabulary, templates=DEFAULT_TEMPLATES, center: bool = True, kind: str = "auto",
-              batch_size: int = 512) -> "VocabularyIndex":
+              batch_size: int = 512, progress: bool | None = False) -> "VocabularyIndex":
         """Embeds a vocabulary with ``model``'s text side.
 
         Args:
@@ -131,11 +183,13 @@ class VocabularyIndex:
                 share a large common component (template, wording), and regions no caption describes drift towards
                 it; centring removes it so that they score near 0 for every name.
             kind: index kind (see the class).
+            batch_size: prompts per text-tower call.
+            progress: a progress bar while embedding (None: only on a terminal).
         """
         aliases = normalise_vocabulary(vocabulary)
         names = [a for group in aliases.values() for a in group]
         owner = torch.tensor([i for i, group in enumerate(aliases.values()) for _ in group])
-        vectors = embed_names(model, names, templates, batch_size)
+        vectors = embed_names(model, names, templates, batch_size, progress)
         mean = None
         if center and len(names) > 1:
             mean = vectors.mean(0)
@@ -198,8 +252,9 @@ class VocabularyIndex:
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path, model=None) -> "VocabularyIndex":
-        """Reads an index written by :meth:`save`; with ``model``, refuses it if another text side built it."""
+    def load(cls, directory: str | Path, model=None, kind: str | None = None) -> "VocabularyIndex":
+        """Reads an index written by :meth:`save`; with ``model``, refuses it if another text side built it.
+        ``kind`` rebuilds the faiss index of another kind from the stored vectors (default: the saved kind)."""
         directory = Path(directory)
         for name in (META_FILE, VECTORS_FILE):
             if not (directory / name).is_file():
@@ -211,5 +266,5 @@ class VocabularyIndex:
                              f"`vilseg index build`")
         vectors = torch.from_numpy(np.load(directory / VECTORS_FILE, allow_pickle=False))
         center = None if meta["center"] is None else torch.tensor(meta["center"])
-        return cls(vectors, torch.tensor(meta["owner"]), meta["classes"], meta["identity"], meta["kind"], center,
-                   meta["aliases"])
+        return cls(vectors, torch.tensor(meta["owner"]), meta["classes"], meta["identity"], kind or meta["kind"],
+                   center, meta["aliases"])

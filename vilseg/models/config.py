@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
+from ..errors import ConfigKeyError
 
 
 @dataclass
@@ -52,7 +53,7 @@ def _build(cls, data: dict[str, Any], where: str):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise KeyError(f"unknown key(s) {unknown} in {where}; valid keys: {sorted(names)}")
+        raise ConfigKeyError(f"unknown key(s) {unknown} in {where}; valid keys: {sorted(names)}")
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in data:

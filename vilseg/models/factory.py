@@ -7,6 +7,7 @@ from typing import Any
 
 from .config import deep_update, model_config_from_dict
 from .vilseg import ViLSeg, build_vilseg
+from ..errors import ConfigError, ConfigKeyError
 
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
 
@@ -20,7 +21,7 @@ def get_model_config(name: str) -> dict[str, Any]:
     """The raw nested config dict of a registered variant."""
     path = _CONFIG_DIR / f"{name}.json"
     if not path.is_file():
-        raise KeyError(f"unknown model {name!r}; registered models: {list_models()}")
+        raise ConfigKeyError(f"unknown model {name!r}; registered models: {list_models()}")
     return json.loads(path.read_text())
 
 
@@ -37,7 +38,7 @@ def create_model(name: str, pretrained: str | None = None, **overrides: Any) -> 
     """
     if Path(name).is_dir():
         if overrides:
-            raise ValueError("overrides cannot be applied when loading a saved model directory")
+            raise ConfigError("overrides cannot be applied when loading a saved model directory")
         return ViLSeg.from_pretrained(name)
     cfg = model_config_from_dict(deep_update(get_model_config(name), overrides), f"model {name!r} + overrides")
     model = build_vilseg(cfg)

@@ -9,10 +9,10 @@ Built-in: ViL-Seg's ``xm``, ``vis``, ``clu`` (:mod:`.vilseg`), MMC's ``mim``, ``
 ``maskco`` (:mod:`.maskco`), ``slotcon`` (:mod:`.slotcon`) and the region distillation ``dense`` (:mod:`.dense`).
 One EMA teacher (:class:`EMATeacher`) serves every objective that needs one.
 """
-from .base import NEEDS, REGISTRY, Objective, build_objectives, parse_options, register
+from .base import NEEDS, REGISTRY, Objective, build_objectives, check_objectives, parse_options, register
 from .context import Learner, StepContext
 from .teacher import EMATeacher, ema_momentum
 from . import dense, maskco, mmc, slotcon, vilseg  # noqa: E402,F401  (registers the built-in objectives)
 
-__all__ = ["EMATeacher", "Learner", "NEEDS", "Objective", "REGISTRY", "StepContext", "build_objectives",
+__all__ = ["EMATeacher", "Learner", "NEEDS", "Objective", "REGISTRY", "StepContext", "build_objectives", "check_objectives",
            "ema_momentum", "parse_options", "register"]

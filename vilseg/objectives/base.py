@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from ..errors import ConfigError, ConfigKeyError, ConfigTypeError
 
 # What an objective can ask of a training step (the loop builds only what some objective needs):
 NEEDS = frozenset({
@@ -82,24 +83,24 @@ def _check_type(value: Any, annotation: Any, where: str) -> Any:
     hint = typing.get_origin(annotation) or annotation
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{where} must be a number, got {value!r}")
+            raise ConfigTypeError(f"{where} must be a number, got {value!r}")
         return float(value)
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{where} must be an integer, got {value!r}")
+            raise ConfigTypeError(f"{where} must be an integer, got {value!r}")
         return value
     if annotation is bool:
         if not isinstance(value, bool):
-            raise TypeError(f"{where} must be true or false, got {value!r}")
+            raise ConfigTypeError(f"{where} must be true or false, got {value!r}")
         return value
     if annotation is str:
         if not isinstance(value, str):
-            raise TypeError(f"{where} must be a string, got {value!r}")
+            raise ConfigTypeError(f"{where} must be a string, got {value!r}")
         return value
     if hint is tuple:
         args = typing.get_args(annotation)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise TypeError(f"{where} must be a list of {len(args)} values, got {value!r}")
+            raise ConfigTypeError(f"{where} must be a list of {len(args)} values, got {value!r}")
         return tuple(_check_type(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     return value
 
@@ -108,8 +109,8 @@ def parse_options(cls: type, values: dict[str, Any], where: str):
     """Builds an options dataclass from a config mapping, naming the key, the value and what was expected."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise KeyError(f"unknown option(s) {unknown} in {where}; valid options: {sorted(fields)}")
+    if unknown:  # "weight" is every objective's own option (build_objectives reads it)
+        raise ConfigKeyError(f"unknown option(s) {unknown} in {where}; valid options: {sorted({'weight', *fields})}")
     hints = typing.get_type_hints(cls)
     return cls(**{k: _check_type(v, hints[k], f"{where}.{k}") for k, v in values.items()})
 
@@ -124,21 +125,36 @@ def build_objectives(spec: dict[str, Any], model: nn.Module) -> tuple[nn.ModuleD
         KeyError: an unknown objective or option, naming it and what is known.
         TypeError / ValueError: a bad value, naming the key.
     """
+    objectives = nn.ModuleDict()
+    checked = check_objectives(spec)
+    for name, (weight, options) in checked.items():
+        objectives[name] = REGISTRY[name](model, options)
+    return objectives, {name: weight for name, (weight, _) in checked.items()}
+
+
+def check_objectives(spec: dict[str, Any]) -> dict[str, tuple[float, Any]]:
+    """Validates the ``objectives`` mapping without a model (names, weights, option names and types): name ->
+    (weight, options) of the objectives with a non-zero weight, in config order. Checks that need the model (e.g.
+    a block index against its depth) happen when the objective is built.
+
+    Raises:
+        ConfigError: naming the objective, the option and what is known or expected.
+    """
     if not isinstance(spec, dict) or not spec:
-        raise ValueError(f"objectives must be a non-empty mapping of objective name to options, got {spec!r}")
-    objectives, weights = nn.ModuleDict(), {}
+        raise ConfigError(f"objectives must be a non-empty mapping of objective name to options, got {spec!r}")
+    out = {}
     for name, values in spec.items():
         if name not in REGISTRY:
-            raise KeyError(f"unknown objective {name!r} in objectives; known objectives: {sorted(REGISTRY)}")
+            raise ConfigKeyError(f"unknown objective {name!r} in objectives; known objectives: {sorted(REGISTRY)}")
+        if values is not None and not isinstance(values, dict):
+            raise ConfigTypeError(f"objectives.{name} must be a mapping of options, got {values!r}")
         values = dict(values or {})
         weight = _check_type(values.pop("weight", 1.0), float, f"objectives.{name}.weight")
         if weight < 0:
-            raise ValueError(f"objectives.{name}.weight must be >= 0, got {weight}")
-        if weight == 0:
-            continue
-        cls = REGISTRY[name]
-        objectives[name] = cls(model, parse_options(cls.Options, values, f"objectives.{name}"))
-        weights[name] = weight
-    if not weights:
-        raise ValueError("objectives: every weight is zero, nothing to train")
-    return objectives, weights
+            raise ConfigError(f"objectives.{name}.weight must be >= 0, got {weight}")
+        options = parse_options(REGISTRY[name].Options, values, f"objectives.{name}")
+        if weight > 0:
+            out[name] = (weight, options)
+    if not out:
+        raise ConfigError("objectives: every weight is zero, nothing to train")
+    return out

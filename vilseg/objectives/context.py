@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from .base import NEEDS
+from ..errors import ConfigError
 
 
 class StepContext:
@@ -118,7 +119,7 @@ class Learner(nn.Module):
                  corruption_fill: str = "image", text_cache=None):
         super().__init__()
         if corruption_fill not in ("image", "noise"):
-            raise ValueError(f"data.masking.fill must be 'image' or 'noise', got {corruption_fill!r}")
+            raise ConfigError(f"data.masking.fill must be 'image' or 'noise', got {corruption_fill!r}")
         self.model, self.objectives, self.weights = model, objectives, dict(weights)
         self.n_global, self.corruption_fill, self.text_cache = n_global, corruption_fill, text_cache
 
@@ -131,7 +132,7 @@ class Learner(nn.Module):
         """The encoder block whose input tokens an objective reads from the student's global views (None: none)."""
         blocks = {b for o in self.objectives.values() if (b := o.keep_block(self.model)) is not None}
         if len(blocks) > 1:
-            raise ValueError(f"objectives read the tokens entering different encoder blocks {sorted(blocks)}; "
+            raise ConfigError(f"objectives read the tokens entering different encoder blocks {sorted(blocks)}; "
                              "one block per run is supported")
         return blocks.pop() if blocks else None
 

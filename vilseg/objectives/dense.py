@@ -27,6 +27,7 @@ from ..distributed import global_mean
 from ..losses import box_in_view, box_patch_masks, embedding_distillation, patch_aligned_infonce, region_distillation
 from ..models.image_encoder import tokens_to_map
 from .base import Objective, register
+from ..errors import ConfigError
 
 
 @register
@@ -46,11 +47,11 @@ class RegionDistillation(Objective):
     def __init__(self, model, options: Options):
         super().__init__(model, options)
         if not 0 < options.min_inside <= 1:
-            raise ValueError(f"objectives.dense.min_inside must be in (0, 1], got {options.min_inside}")
+            raise ConfigError(f"objectives.dense.min_inside must be in (0, 1], got {options.min_inside}")
         if options.student not in ("pool", "masked"):
-            raise ValueError(f"objectives.dense.student must be 'pool' or 'masked', got {options.student!r}")
+            raise ConfigError(f"objectives.dense.student must be 'pool' or 'masked', got {options.student!r}")
         if not 1 <= options.blocks <= model.image_encoder.depth:
-            raise ValueError(f"objectives.dense.blocks must be in [1, {model.image_encoder.depth}], "
+            raise ConfigError(f"objectives.dense.blocks must be in [1, {model.image_encoder.depth}], "
                              f"got {options.blocks}")
         # the joint projection is the model's (exported with it); kept as a plain reference, not a submodule
         object.__setattr__(self, "_proj", model.image_proj)
@@ -66,7 +67,7 @@ class RegionDistillation(Objective):
 
     def forward(self, ctx) -> dict[str, torch.Tensor]:
         if not ctx.local_views:
-            raise ValueError("objectives.dense needs local views: set data.n_local >= 1")
+            raise ConfigError("objectives.dense needs local views: set data.n_local >= 1")
         g, boxes, flips = ctx.n_global, ctx.batch["boxes"], ctx.batch["flips"]
         with torch.no_grad():
             project = ctx.teacher.heads["dense"]

@@ -29,6 +29,7 @@ from ..distributed import all_gather_no_grad, global_mean
 from ..losses import region_contrast, region_in_view
 from ..models.heads import mlp
 from .base import Objective, register
+from ..errors import ConfigError
 
 
 def pool_region(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -104,7 +105,7 @@ class MaskCo(Objective):
 
     def forward(self, ctx) -> dict[str, torch.Tensor]:
         if ctx.n_global < 2:
-            raise ValueError("objectives.maskco needs data.n_global >= 2 (a query view and a key view)")
+            raise ConfigError("objectives.maskco needs data.n_global >= 2 (a query view and a key view)")
         masks, boxes, flips = ctx.batch["masks"].bool(), ctx.batch["boxes"], ctx.batch["flips"]
         queue = self.queue[: int(self.queue_len)].clone() if self.options.queue_size else None
         total, count, keys = 0.0, 0, []

@@ -19,6 +19,7 @@ from ..distributed import all_reduce_mean
 from ..losses import distillation_loss, global_contrast, masked_l1
 from ..models.heads import mlp
 from .base import Objective, register
+from ..errors import ConfigError
 
 
 @register
@@ -105,7 +106,7 @@ class SelfDistillation(Objective):
     def __init__(self, model, options: Options):
         super().__init__(model, options)
         if not 0 <= options.teacher_temp_warmup <= 1:
-            raise ValueError(f"objectives.msd.teacher_temp_warmup must be a fraction in [0, 1], "
+            raise ConfigError(f"objectives.msd.teacher_temp_warmup must be a fraction in [0, 1], "
                              f"got {options.teacher_temp_warmup}")
         self.head = DINOHead(model.image_encoder.width, options.out_dim, options.hidden, options.bottleneck)
         self.register_buffer("center", torch.zeros(options.out_dim))
@@ -167,7 +168,7 @@ class GlobalContrast(Objective):
 
     def forward(self, ctx) -> dict[str, torch.Tensor]:
         if ctx.n_global < 2:
-            raise ValueError("objectives.gc needs data.n_global >= 2 (it contrasts two global views)")
+            raise ConfigError("objectives.gc needs data.n_global >= 2 (it contrasts two global views)")
         feats = (ctx.student_corrupted if self.options.corrupt_student else ctx.student_global)[:2]
         queries = [F.normalize(self.predictor(self.projector(f.global_token)), dim=-1) for f in feats]
         with torch.no_grad():

@@ -29,6 +29,7 @@ from ..distributed import all_gather_no_grad, all_reduce_mean, global_mean, rank
 from ..losses import align_to_box, attentive_pool, grouping_loss, overlap_boxes, slot_contrast
 from ..models.heads import mlp
 from .base import Objective, register
+from ..errors import ConfigError
 
 
 def valid_slots(dots: torch.Tensor) -> torch.Tensor:
@@ -60,7 +61,7 @@ class SlotCon(Objective):
     def __init__(self, model, options: Options):
         super().__init__(model, options)
         if getattr(model, "slot_head", None) is None:
-            raise ValueError("objectives.slotcon needs a model with prototypes: set model.overrides.n_prototypes "
+            raise ConfigError("objectives.slotcon needs a model with prototypes: set model.overrides.n_prototypes "
                              "(SlotCon's K; the paper uses 256 on COCO) and optionally prototype_dim")
         # the head is part of the model (exported with it, read by the Segmenter's slots grouping); kept here as a
         # plain reference, not a submodule, so that its tensors appear once in checkpoints
@@ -95,7 +96,7 @@ class SlotCon(Objective):
 
     def forward(self, ctx) -> dict[str, torch.Tensor]:
         if ctx.n_global < 2:
-            raise ValueError("objectives.slotcon needs data.n_global >= 2 (two overlapping global views)")
+            raise ConfigError("objectives.slotcon needs data.n_global >= 2 (two overlapping global views)")
         o = self.options
         student = [ctx.model.slot_head(f.patch_tokens, f.grid) for f in ctx.student_global[:2]]
         with torch.no_grad():

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from ..losses import align_to_box, cross_modal_infonce, iic_loss, overlap_boxes, vision_contrast
 from ..models.heads import mlp
 from .base import Objective, register
+from ..errors import ConfigError
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's clamp: a temperature below 0.01 destabilises training
 
@@ -100,7 +101,7 @@ class Clustering(Objective):
 
     def forward(self, ctx) -> dict[str, torch.Tensor]:
         if ctx.n_global < 2:
-            raise ValueError("objectives.clu needs data.n_global >= 2 (two overlapping global views)")
+            raise ConfigError("objectives.clu needs data.n_global >= 2 (two overlapping global views)")
         logits = [ctx.model.cluster_logits(f, detach=self.options.detach) for f in ctx.student_global[:2]]
         probs = [lg.float().softmax(1) for lg in logits]  # 2 x [B, C, h, w]
         boxes, flips = ctx.batch["boxes"], ctx.batch["flips"]

@@ -28,9 +28,40 @@ def imagenet21k() -> dict[str, list[str]]:
     return out
 
 
+ALIAS_SEPARATOR = "|"
+
+
+def parse_classes(items, source: str) -> dict[str, list[str]]:
+    """Class entries -> {class: [names]}: each entry is a class's names separated by ``|`` ("tv|television|monitor":
+    the first names the class, all are searched). The one alias syntax of ``--classes`` (entries separated by commas),
+    vocabulary text files (one entry per line) and the web demo's box. Empty entries are skipped; a name given twice
+    is kept once, with a warning that names it and ``source``.
+    """
+    import warnings
+
+    out: dict[str, list[str]] = {}
+    owner: dict[str, str] = {}
+    for item in items:
+        names = [n.strip() for n in str(item).split(ALIAS_SEPARATOR) if n.strip()]
+        kept = []
+        for name in names:
+            if name in owner or name in kept:
+                first = owner.get(name, names[0])
+                warnings.warn(f"{source}: the name {name!r} is given twice (first for class {first!r}); kept once",
+                              stacklevel=2)
+                continue
+            kept.append(name)
+        if not kept:
+            continue
+        out[kept[0]] = kept
+        owner.update({n: kept[0] for n in kept})
+    return out
+
+
 def load_vocabulary(name: str) -> dict[str, list[str]]:
     """A packaged vocabulary by name (see :func:`list_vocabularies`), or a path to a JSON mapping name -> aliases
-    or a text file with one class per line (aliases after the first name, comma-separated).
+    (or a JSON list of names), or a text file with one class per line, its names separated by ``|`` as in
+    ``--classes`` (``tv|television|monitor``). Blank lines and lines starting with ``#`` are skipped.
 
     Raises:
         KeyError: an unknown name that is not a file either, naming what exists.
@@ -45,7 +76,7 @@ def load_vocabulary(name: str) -> dict[str, list[str]]:
         if path.suffix == ".json":
             data = json.loads(path.read_text())
             return data if isinstance(data, dict) else {str(n): [str(n)] for n in data}
-        lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-        return {parts[0]: parts for parts in ([p.strip() for p in line.split(",") if p.strip()] for line in lines)}
+        lines = [line for line in path.read_text().splitlines() if line.strip() and not line.lstrip().startswith("#")]
+        return parse_classes(lines, str(path))
     raise KeyError(f"no vocabulary {name!r}: give a file (JSON or one class per line) or one of "
                    f"{list_vocabularies()}")
