@@ -175,14 +175,78 @@ def vocabulary_rows(model, sizes: list[int], repeats: int, cache_dir: str | None
     return rows, info
 
 
+def folder_rows(models: dict[str, str], n_images: int, readouts: list[str], batch_sizes=(1, 16),
+                processes=(1, 2), workers: int = 2) -> list[dict]:
+    """``vilseg segment FOLDER`` end to end (decode in DataLoader workers, encode in batches, group, name, write the
+    three files per image), as a subprocess, one torch thread per process (``accelerate launch --num_processes 2``
+    for two), against the bare image encoder at the same batch and the same total threads."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from vilseg.data.synthetic import SyntheticWorld
+    from vilseg.demo import parse_readout
+    from vilseg.inference import ReadOut
+    from vilseg.models import ViLSeg
+
+    rows = []
+    work = Path(tempfile.mkdtemp(prefix="vilseg-bench-folder-"))
+    images = work / "images"
+    images.mkdir()
+    world = SyntheticWorld("eval", image_size=256, seed=5)
+    from PIL import Image
+
+    for i in range(n_images):
+        Image.fromarray(world.scene(i).image).save(images / f"scene{i:05d}.png")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    for name, folder in models.items():
+        model = ViLSeg.from_pretrained(folder).eval()
+        size = model.config.image.img_size
+        for key in readouts:
+            grouping, naming, blocks = parse_readout(key)
+            copy = work / f"{name.split()[0]}-{key.replace('+', '_').replace('@', '_')}"
+            if not copy.is_dir():
+                model.save_pretrained(copy)
+                ReadOut(grouping, naming, threshold=0.3, **({"blocks": blocks} if blocks else {})).save(copy)
+            for batch in batch_sizes:
+                for n_proc in processes:
+                    out = work / f"out-{copy.name}-{batch}-{n_proc}"
+                    command = ["-m", "vilseg.cli", "segment", str(images), "--model", str(copy), "--classes",
+                               "red circle,green square,blue triangle,yellow cross", "--batch-size", str(batch),
+                               "--workers", str(workers), "--out", str(out)]
+                    launch = [sys.executable, *command] if n_proc == 1 else [
+                        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+                        str(n_proc), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                        *command]
+                    subprocess.run(launch, env=env, check=True, capture_output=True, timeout=3600)
+                    stats = json.loads((out / "segment_stats.json").read_text())
+                    torch.set_num_threads(n_proc)
+                    x = torch.randn(batch, 3, size, size)
+                    with torch.no_grad():
+                        encoder_ms = median_ms(lambda: model.image_encoder(x), 5)
+                    torch.set_num_threads(1)
+                    rows.append({"model": name, "readout": key, "batch_size": batch, "processes": n_proc,
+                                 "workers_per_process": workers, "images": stats["images"],
+                                 "images_per_s": stats["images_per_s"],
+                                 "encoder_images_per_s": round(1000 * batch / encoder_ms, 2),
+                                 "pipeline_over_encoder": round(stats["images_per_s"] * encoder_ms / (1000 * batch), 3)})
+                    print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--demo-model", default=None, help="a trained demo model folder (default: random init)")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--sizes", default="1000,5000,10000,21000,100000", help="vocabulary sizes")
     parser.add_argument("--cache", default="runs/bench_cache", help="folder for the names' embeddings (reruns)")
+    parser.add_argument("--parts", default="readouts,vocabulary,folder",
+                        help="which parts to run; the others are kept from an existing --out file")
+    parser.add_argument("--folder-images", type=int, default=256, help="images of the folder benchmark")
     parser.add_argument("--out", default="benchmarks/results/segment_cpu.json")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     import faiss
 
     from vilseg.models import ViLSeg, create_model
@@ -192,16 +256,31 @@ def main() -> None:
     torch.manual_seed(0)
     demo = ViLSeg.from_pretrained(args.demo_model) if args.demo_model else create_model("vilseg-demo")
     vit_s = create_model("vilseg-vit-s16-minilm")
-    rows = readout_rows(demo.eval(), "vilseg-demo" + (" (trained)" if args.demo_model else " (random)"),
-                        args.repeats)
-    rows += readout_rows(vit_s.eval(), "vit-s16 (random)", max(5, args.repeats // 4))
-    vocab, info = vocabulary_rows(demo.eval(), [int(s) for s in args.sizes.split(",")], args.repeats * 5,
-                                  args.cache)
-    report = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}, 1 torch thread, "
-                         f"1 faiss thread, torch {torch.__version__}, faiss {faiss.__version__}",
-              "command": "python benchmarks/segment.py " + " ".join(
-                  f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),
-              "demo_model": args.demo_model, "readouts": rows, "vocabulary": vocab, "vocabulary_setup": info}
+    demo_name = "vilseg-demo" + (" (trained)" if args.demo_model else " (random)")
+    report = json.loads(Path(args.out).read_text()) if Path(args.out).is_file() else {}
+    report.update({"machine": f"{platform.node()} {platform.processor() or platform.machine()}, 1 torch thread, "
+                              f"1 faiss thread, torch {torch.__version__}, faiss {faiss.__version__}",
+                   "demo_model": args.demo_model})
+    command = "python benchmarks/segment.py " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None)
+    if "readouts" in parts:
+        rows = readout_rows(demo.eval(), demo_name, args.repeats)
+        rows += readout_rows(vit_s.eval(), "vit-s16 (random)", max(5, args.repeats // 4))
+        report.update({"readouts": rows, "readouts_command": command})
+    if "vocabulary" in parts:
+        vocab, info = vocabulary_rows(demo.eval(), [int(s) for s in args.sizes.split(",")], args.repeats * 5,
+                                      args.cache)
+        report.update({"vocabulary": vocab, "vocabulary_setup": info, "vocabulary_command": command})
+    if "folder" in parts:
+        import tempfile
+
+        vit_dir = Path(tempfile.mkdtemp(prefix="vilseg-vit-s16-"))
+        vit_s.save_pretrained(vit_dir)
+        models = {demo_name: args.demo_model or str(Path(tempfile.mkdtemp()) / "demo"), "vit-s16 (random)": vit_dir}
+        if not args.demo_model:
+            demo.save_pretrained(models[demo_name])
+        report["folder"] = folder_rows(models, args.folder_images, ["clusters+pool", "clusters+masked_attention@1"])
+        report["folder_command"] = command
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(f"wrote {args.out}")

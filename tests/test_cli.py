@@ -308,3 +308,23 @@ def test_a_folder_batched_in_workers_and_split_over_two_processes_gives_the_file
                         == np.asarray(Image.open(tmp_path / "one" / f"im{i}{suffix}"))).all(), (run, i, suffix)
             got, want = (json.loads((tmp_path / r / f"im{i}.json").read_text())["segments"] for r in (run, "one"))
             assert [s["label"] for s in got] == [s["label"] for s in want]
+
+
+def test_a_model_of_the_synthetic_world_says_so_once_and_overlays_of_large_photos_are_capped(model_dir, tmp_path,
+                                                                                                 capsys):
+    from vilseg.overlay import MAX_SIDE
+
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    big = tmp_path / "big.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (900, 2400, 3), dtype=np.uint8)).save(big)
+    args = ["segment", big, "--model", model, "--classes", "red circle", "--out", tmp_path / "o"]
+    code, _, err = _run(capsys, *args)
+    assert code == 0 and "synthetic world" not in err  # no record: no notice
+    (model / "training.json").write_text(json.dumps({"data": {"shards": "synthetic:100", "synthetic_world": True}}))
+    code, _, err = _run(capsys, *args)
+    assert code == 0 and err.count("trained on the synthetic world of coloured shapes") == 1, err
+    # the label map keeps the photo's size; the overlay (photo | labels, legend below) is capped
+    assert Image.open(tmp_path / "o" / "big.png").size == (2400, 900)
+    width, height = Image.open(tmp_path / "o" / "big_overlay.png").size
+    assert width == 2 * MAX_SIDE and height < 600

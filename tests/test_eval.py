@@ -282,6 +282,44 @@ def test_predictions_folder_is_scored_and_bad_input_is_named(tiny_model, tmp_pat
     assert "bogus" in capsys.readouterr().err
 
 
+def test_missing_and_mis_sized_predictions_fail_and_never_score_a_subset(tmp_path, capsys):
+    root = make_layout("voc20", tmp_path / "voc", n_images=3)
+    ds = ev.load_dataset("voc21", root)
+    preds = tmp_path / "preds"
+    truths = [ds.label(item) for item in ds.items]
+    for item, label in zip(ds.items, truths):
+        _png(preds / f"{item.id}.png", np.where(label == 255, 0, label))
+    first, second, third = ds.items
+    (preds / f"{second.id}.png").unlink()  # missing
+    _png(preds / f"{third.id}.png", np.zeros((truths[2].shape[0] // 2, truths[2].shape[1] // 2), np.uint8))  # half
+    out = tmp_path / "r.json"
+    args = ["eval", "--predictions", str(preds), "--dataset", "voc21", "--root", str(root), "--out", str(out)]
+    assert cli(args) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert "2 of 3 predictions are missing or unusable" in lines[0] and "--missing background" in lines[0]
+    assert any(f"{second.id}.png: no prediction" in line for line in lines)
+    assert any(f"{third.id}.png: prediction is" in line and "its ground truth" in line for line in lines)
+    assert "mIoU" not in captured.out and "Traceback" not in captured.err and not out.exists()
+    # a missing prediction scored as all background, on request: the whole split, and the report says which
+    _png(preds / f"{third.id}.png", np.where(truths[2] == 255, 0, truths[2]))
+    assert cli([*args, "--missing", "background"]) == 0
+    report = json.loads(out.read_text())
+    assert report["missing_predictions"] == [second.id] and report["images"] == 3 and report["miou"] < 100
+    assert "1 missing prediction(s) scored as all background" in capsys.readouterr().out
+    # without a background class there is nothing to score a missing prediction as
+    with pytest.raises(ev.PredictionsError, match="no background class"):
+        ev.score_predictions(preds, ev.load_dataset("voc20", root), missing="background")
+
+
+def test_a_report_over_a_subset_says_so():
+    report = {"miou": 50.0, "images": 2, "skipped": 1, "limit": None, "split_images": 3}
+    assert "a SUBSET: 2 of 3 images" in ev.coverage(report)
+    assert "over all 3 images" in ev.coverage({**report, "images": 3, "skipped": 0})
+    assert "SUBSET, the first of the split's 10 images" in ev.coverage(
+        {**report, "images": 3, "skipped": 0, "limit": 3, "split_images": 10})
+
+
 def test_synthetic_split_agrees_with_the_segmenter_read_out(tiny_model, tmp_path):
     """The demo, `vilseg eval` and the Segmenter use one read-out path: equal numbers on the synthetic split."""
     from data_prep import synthetic

@@ -43,11 +43,14 @@ def test_train_main_runs_a_few_steps_and_exports(tmp_path, shards):
     assert (tmp_path / "run" / "config.yaml").is_file()
     assert any((tmp_path / "run" / "logs").rglob("events.out.tfevents*"))  # TensorBoard via accelerate
     assert (tmp_path / "run" / "checkpoints" / "step_0000003").is_dir()
+    # what the export was trained on, beside its weights: the synthetic world's shards (their manifest says so)
+    record = json.loads((final / "training.json").read_text())
+    assert record["data"] == {"shards": shards, "synthetic_world": True} and record["steps"] == 3
 
 
 @pytest.mark.parametrize("config", ["configs/debug.yaml", "configs/debug.yaml+augment", "configs/mmc/pretrain-debug.yaml",
                                     "configs/maskco/pretrain-debug.yaml", "configs/slotcon/pretrain-debug.yaml"])
-def test_interrupted_then_resumed_run_matches_uninterrupted(tmp_path, shards, config):
+def test_interrupted_then_resumed_run_matches_uninterrupted(tmp_path, shards, config, capsys):
     """Also: a resumed run draws the same augmented views as an uninterrupted one (``+augment``: DINO's photometric
     augmentation on every view, the caption's too), or its parameters would differ."""
     common = ("train.steps=6", "train.checkpoint_every=100", "data.num_workers=1")
@@ -59,7 +62,9 @@ def test_interrupted_then_resumed_run_matches_uninterrupted(tmp_path, shards, co
     train.main(args(tmp_path / "a"))
     train.main(args(tmp_path / "b", "train.stop_at=3"))
     assert json.loads((tmp_path / "b" / "train_summary.json").read_text())["steps"] == 3
+    assert "initialised from scratch" in capsys.readouterr().out
     train.main(args(tmp_path / "b", "--resume"))
+    assert "initialised from scratch" not in capsys.readouterr().out  # its weights come from the checkpoint
     # every tensor of the model, the objectives' heads and their state (MMC's centre), and the teacher
     for name in ("model.safetensors", "teacher.safetensors"):
         a = load_file(str(tmp_path / "a/checkpoints/step_0000006" / name))

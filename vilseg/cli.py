@@ -221,7 +221,8 @@ def segment_files(segmenter, paths: list[str], stems: list[str], out: Path, work
                   ) -> tuple[int, int, float]:
     """Segments ``paths`` into ``out``: decoding in ``workers`` DataLoader processes, the images of one input size
     batched through the encoder (``segmenter.batch_size``), the outputs written by two threads while the next batch
-    is encoded. Returns (images written, images failed, seconds)."""
+    is encoded. Returns (images written, images failed, seconds from the first decoded image to the last file
+    written)."""
     import time
     from concurrent.futures import ThreadPoolExecutor
 
@@ -236,7 +237,7 @@ def segment_files(segmenter, paths: list[str], stems: list[str], out: Path, work
                         prefetch_factor=2 * segmenter.batch_size if workers else None)
     failed, written, pending = 0, 0, []
     buckets: dict[tuple, list] = {}
-    start = time.perf_counter()
+    start = None  # the clock starts at the first decoded image: worker start-up is a fixed cost, not throughput
     bar = tqdm(total=len(paths), desc="segment", unit="image",  # disable=None: a bar only on a terminal
                disable=True if not progress or len(paths) < 2 else None)
 
@@ -254,6 +255,7 @@ def segment_files(segmenter, paths: list[str], stems: list[str], out: Path, work
 
     with ThreadPoolExecutor(2) as pool:
         for i, array, x, size, error in loader:
+            start = start or time.perf_counter()
             if error is not None:
                 failed += 1
                 bar.update(1)
@@ -268,7 +270,7 @@ def segment_files(segmenter, paths: list[str], stems: list[str], out: Path, work
         for future in pending:
             future.result()  # a failed write raises here, naming its file
     bar.close()
-    return written, failed, time.perf_counter() - start
+    return written, failed, time.perf_counter() - start if start else 0.0
 
 
 def cmd_segment(args) -> int:
@@ -397,11 +399,10 @@ def cmd_eval(args) -> int:
     if args.predictions:
         try:
             report = ev.score_predictions(args.predictions, dataset, on_error=args.on_error, missing=args.missing)
-        except ev.PredictionsError as exn:
-            lines = str(exn).splitlines()
-            for line in lines[1:]:
+        except ev.PredictionsError as exn:  # one line per file, after the one that says how many
+            for line in str(exn).splitlines():
                 print(f"vilseg: error: {line}", file=sys.stderr)
-            raise UserError(lines[0]) from None
+            raise SystemExit(2) from None
     else:
         protocol = ev.preset(args.protocol, args.dataset)
         protocol = ev.apply_overrides(protocol, (["pamr=true"] if args.pamr else []) + list(args.set or []))
