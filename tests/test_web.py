@@ -103,3 +103,49 @@ def test_upload_an_image_type_classes_and_see_the_overlay(tmp_path):
             browser.quit()
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_concurrent_requests_each_get_the_answer_they_would_get_alone(tmp_path):
+    """8 clients at once, each with its own classes and threshold, against one shared Segmenter: every response
+    equals the same request made alone (the per-request settings travel with the call)."""
+    pytest.importorskip("gradio")
+    gradio_client = pytest.importorskip("gradio_client")
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from vilseg import create_model
+    from vilseg.data.synthetic import SyntheticWorld
+    from vilseg.inference import ReadOut
+    from vilseg.web import launch
+
+    torch.manual_seed(0)
+    model = create_model("vilseg-tiny").eval()
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    # a 256 px input (32 x 32 patches): each request takes long enough for the 8 to overlap inside the segmenter
+    ReadOut("clusters", "pool", 0.3, input_size=256).save(folder)
+    image = tmp_path / "scene.png"
+    Image.fromarray(SyntheticWorld("eval", image_size=128, seed=1).scene(3).image).save(image)
+    port = _free_port()
+    app = launch(model, folder, port=port, block=False)
+    try:
+        client = gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False)
+        vocabularies = ["red circle, blue square", "green triangle|green wedge, yellow cross",
+                        "red circle, green square, blue triangle", "yellow cross", "blue circle, red square",
+                        "green square|emerald square", "red triangle, blue cross, yellow circle", "blue square"]
+        requests = [(vocabularies[i], round(-0.1 + 0.1 * i, 2)) for i in range(8)]
+
+        def ask(request):
+            classes, threshold = request
+            _, table = client.predict(gradio_client.handle_file(str(image)), classes, "(the classes above)",
+                                      threshold, api_name="/segment")
+            return [(row[1], row[2]) for row in table["data"]]  # label and score of every segment
+
+        alone = [ask(r) for r in requests]
+        with ThreadPoolExecutor(8) as pool:
+            together = list(pool.map(ask, requests * 3))  # 24 requests, 8 at a time
+        assert together == alone * 3
+        assert len({tuple(a) for a in alone}) > 4  # the requests really differ
+    finally:
+        app.close()

@@ -14,6 +14,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 CLASSES_HINT = "comma-separated; aliases with |, e.g. tv|television, cat"
 NO_VOCAB = "(the classes above)"
+CONCURRENCY = 8  # requests segmented at once (Gradio's default is 1: one request at a time)
 EXAMPLE_CLASSES = "red circle, green square, blue triangle, yellow cross, red square, blue circle"
 
 
@@ -45,12 +46,11 @@ def build_app(model, model_dir: str | Path):
     segmenter = Segmenter(model, readout=readout)
     indexes: dict = {}
 
-    def run(image, classes: str, vocabulary: str, threshold: float):
-        if image is None:
-            raise gr.Error("upload an image first")
+    def index_for(classes: str, vocabulary: str):
+        """The request's vocabulary index, built once per distinct vocabulary (the shared cache is read-mostly:
+        two requests that build the same one at once both build it, and either result is right)."""
         if vocabulary and vocabulary != NO_VOCAB:
-            key = vocabulary
-            names = vocabulary
+            key, names = vocabulary, vocabulary
         else:
             from .inference.vocabularies import parse_classes
 
@@ -59,12 +59,21 @@ def build_app(model, model_dir: str | Path):
                 raise gr.Error("type at least one class, or pick a vocabulary")
             key = repr(sorted(names.items()))
         if key not in indexes:
-            from .inference.vocabulary import cached_index
+            from .inference.vocabulary import cached_index, normalise_vocabulary
 
+            names = normalise_vocabulary(names)
+            for word in readout.background_words:
+                names.setdefault(word, [word])
             indexes[key] = cached_index(model, names, segmenter.templates)
-        segmenter.set_vocabulary(indexes[key])
-        segmenter.readout.threshold = threshold
-        result = segmenter.segment(image)
+        return indexes[key]
+
+    def run(image, classes: str, vocabulary: str, threshold: float):
+        if image is None:
+            raise gr.Error("upload an image first")
+        # everything this request sets travels with the call: the shared segmenter is never changed, so
+        # concurrent requests with their own classes and thresholds do not see each other's
+        index = index_for(classes, vocabulary)
+        result = segmenter.segment(image, index=index, threshold=threshold)
         out = Path(tempfile.mkdtemp(prefix="vilseg-web-")) / "overlay.png"
         segmenter.render_overlay(image, result, out)
         rows = [[s["id"], s["label"], round(s["score"], 3), s["area"], str(s["box"]),
@@ -92,7 +101,8 @@ def build_app(model, model_dir: str | Path):
                              label="segments", elem_id="segments")
         gr.Examples([[p, EXAMPLE_CLASSES] for p in example_images(Path(tempfile.gettempdir()) / "vilseg-examples")],
                     inputs=[image, classes])
-        button.click(run, [image, classes, vocabulary, threshold], [overlay, table])
+        button.click(run, [image, classes, vocabulary, threshold], [overlay, table], api_name="segment",
+                     concurrency_limit=CONCURRENCY)
     return app
 
 

@@ -24,6 +24,7 @@ from .strategies import (GROUPINGS, NAMINGS, BackgroundWordsDecision, MaskedAtte
 from .vocabulary import DEFAULT_TEMPLATES, VocabularyIndex
 
 READOUT_FILE = "readout.json"
+UNSET = object()  # a per-call setting left to the segmenter's own
 ALL_CLASS_MAPS = 256  # up to this many classes, the label map's interpolation uses every class's scores
 
 
@@ -85,12 +86,14 @@ class SegmentationResult:
             best classes).
         prototypes: with SlotCon's prototypes (a slot head), {"total", "used", "unused"}: which prototypes are some
             patch's arg-max in this image; None otherwise.
+        classes: the vocabulary's class names the labels index (label i + 1 is ``classes[i]``).
     """
 
     labels: np.ndarray
     segment_map: np.ndarray
     segments: list[dict]
     prototypes: dict | None = None
+    classes: list[str] | None = None
 
 
 def load_image(image) -> Image.Image:
@@ -190,10 +193,12 @@ class Segmenter:
     # ------------------------------------------------------------------ vocabulary
     @property
     def decision(self):
-        r = self.readout
-        if r.background_words:
-            return BackgroundWordsDecision(tuple(r.background_words))
-        return NoDecision() if r.threshold is None else ThresholdDecision(r.threshold)
+        return self._decision(self.readout.threshold)
+
+    def _decision(self, threshold):
+        if self.readout.background_words:
+            return BackgroundWordsDecision(tuple(self.readout.background_words))
+        return NoDecision() if threshold is None else ThresholdDecision(threshold)
 
     @property
     def classes(self) -> list[str]:
@@ -277,21 +282,32 @@ class Segmenter:
         return F.interpolate(scores.float(), size=size, mode="bilinear", align_corners=False)[0].cpu(), None
 
     @torch.no_grad()
-    def segment(self, image) -> SegmentationResult:
-        """Segments one image (path, PIL image or uint8 array) with the current vocabulary."""
-        return self.segment_batch([image])[0]
+    def segment(self, image, *, index: VocabularyIndex | None = None, threshold=UNSET) -> SegmentationResult:
+        """Segments one image (path, PIL image or uint8 array).
+
+        Args:
+            index: a vocabulary for this call only (default: the one set on the segmenter).
+            threshold: a background threshold for this call only (None: no background; default: the read-out's).
+
+        The per-call settings never touch the segmenter's state, so one segmenter serves concurrent callers with
+        their own vocabularies and thresholds (the web demo does)."""
+        return self.segment_batch([image], index=index, threshold=threshold)[0]
 
     @torch.no_grad()
-    def segment_batch(self, images: list | None = None, prepared: list | None = None) -> list[SegmentationResult]:
+    def segment_batch(self, images: list | None = None, prepared: list | None = None, *,
+                      index: VocabularyIndex | None = None, threshold=UNSET) -> list[SegmentationResult]:
         """Segments several images: those of one input size share forward passes (``batch_size`` at a time), and
         masked-attention naming names all their segments in one pass. The results equal :meth:`segment`'s.
 
         Args:
             images: paths, PIL images or uint8 arrays.
             prepared: instead of ``images``, their :meth:`prepare` outputs (e.g. from DataLoader workers).
+            index, threshold: per-call settings, as in :meth:`segment`.
         """
-        if self.index is None:
-            raise RuntimeError("set a vocabulary first (vocabulary=... or set_vocabulary)")
+        index = index or self.index
+        if index is None:
+            raise RuntimeError("set a vocabulary first (vocabulary=... or set_vocabulary), or pass index=")
+        decision = self._decision(self.readout.threshold if threshold is UNSET else threshold)
         if prepared is None:
             prepared = [self.prepare(image) for image in images]
         by_shape: dict[tuple, list[int]] = {}
@@ -303,14 +319,15 @@ class Segmenter:
                 chunk = members[start:start + self.batch_size]
                 xs = torch.stack([prepared[i][0] for i in chunk]).to(self.device)
                 for i, read in zip(chunk, self.read_batch(xs)):
-                    results[i] = self._result(*read, prepared[i][1])
+                    results[i] = self._result(*read, prepared[i][1], index, decision)
         return results
 
-    def _result(self, dense: dict, ids: torch.Tensor, emb: torch.Tensor, size: tuple[int, int]) -> SegmentationResult:
+    def _result(self, dense: dict, ids: torch.Tensor, emb: torch.Tensor, size: tuple[int, int], index,
+                decision) -> SegmentationResult:
         height, width = size
-        top_s, top_c = self.index.search(emb, self.top_k)  # [S, k]
-        background = self.decision.background(top_s[:, 0], top_c[:, 0], self.index.classes)
-        labels = self._label_map(ids, emb, top_c, background, (height, width))
+        top_s, top_c = index.search(emb, self.top_k)  # [S, k]
+        background = decision.background(top_s[:, 0], top_c[:, 0], index.classes)
+        labels = self._label_map(ids, emb, top_c, background, (height, width), index, decision)
         seg_map = F.interpolate(ids[None, None].float(), size=(height, width), mode="nearest")[0, 0].long()
         prototypes = None
         if "slot_dots" in dense:  # from the same forward pass: no second one to count prototype use
@@ -318,7 +335,8 @@ class Segmenter:
             unused = sorted(set(range(k)) - set(dense["slot_dots"].argmax(1).unique().tolist()))
             prototypes = {"total": k, "used": k - len(unused), "unused": unused}
         return SegmentationResult(labels.cpu().numpy(), seg_map.cpu().numpy(),
-                                  self._describe(seg_map, top_s, top_c, background), prototypes)
+                                  self._describe(seg_map, top_s, top_c, background, index.classes), prototypes,
+                                  list(index.classes))
 
     @torch.no_grad()
     def prompt(self, image, point: tuple[int, int], threshold: float = 0.5) -> np.ndarray:
@@ -354,18 +372,17 @@ class Segmenter:
         unused = torch.nonzero(counts == 0).flatten().tolist()
         return {"prototypes": k, "used": k - len(unused), "unused": unused, "patches": counts.tolist()}
 
-    def _label_map(self, ids, emb, top_c, background, size) -> torch.Tensor:
+    def _label_map(self, ids, emb, top_c, background, size, index, decision) -> torch.Tensor:
         """[H, W] labels: the classes' scores at patch resolution, bilinearly upsampled, then the arg-max over them
         and a constant background channel (the threshold, as TCL; none without a threshold); background words are
         background. Only the classes some segment ranks first are upsampled when the vocabulary is large (all of
         them up to ``ALL_CLASS_MAPS``), so memory stays O(segments x H x W) for any vocabulary size."""
-        n_classes = len(self.index.classes)
+        n_classes = len(index.classes)
         if n_classes <= ALL_CLASS_MAPS:
-            keep, scores = torch.arange(n_classes), self.index.scores(emb)
+            keep, scores = torch.arange(n_classes), index.scores(emb)
         else:
             keep = torch.unique(top_c[:, 0].cpu())
-            scores = self._scores_of(emb, keep)
-        decision = self.decision
+            scores = self._scores_of(emb, keep, index)
         # no threshold: a floor below every cosine (finite: bilinear weights of 0 times -inf would be NaN)
         floor = decision.threshold if isinstance(decision, ThresholdDecision) else -10.0
         maps = torch.cat([torch.full_like(scores[:, :1], floor), scores], 1)  # [S, 1 + K]
@@ -373,24 +390,23 @@ class Segmenter:
         best = F.interpolate(pixels, size=size, mode="bilinear", align_corners=False)[0].argmax(0)  # [H, W]
         lookup = torch.cat([torch.zeros(1, dtype=torch.long), keep.long() + 1]).to(best.device)
         words = set(self.readout.background_words)
-        for i, c in enumerate(self.index.classes):
+        for i, c in enumerate(index.classes):
             if c in words:
                 lookup[lookup == i + 1] = 0
         return lookup[best]
 
-    def _scores_of(self, emb: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    def _scores_of(self, emb: torch.Tensor, keep: torch.Tensor, index) -> torch.Tensor:
         """[S, E] -> [S, K] scores of the classes ``keep`` only (the best of each class's names)."""
-        vectors = torch.from_numpy(self.index.vectors).to(emb.device)
-        owner = self.index.owner.to(emb.device)
+        vectors = torch.from_numpy(index.vectors).to(emb.device)
+        owner = index.owner.to(emb.device)
         sims = emb.float() @ vectors.t()  # [S, T] — vectors of every name, but only S rows
         out = torch.full((emb.shape[0], len(keep)), -2.0, device=emb.device)
         for i, c in enumerate(keep.tolist()):
             out[:, i] = sims[:, owner == c].max(1).values
         return out
 
-    def _describe(self, seg_map, top_s, top_c, background) -> list[dict]:
+    def _describe(self, seg_map, top_s, top_c, background, classes) -> list[dict]:
         """One dict per segment present in ``seg_map``: label, score, area (pixels), box (x0, y0, x1, y1), top-k."""
-        classes = self.index.classes
         n = top_s.shape[0]
         flat = seg_map.flatten()
         area = torch.bincount(flat, minlength=n)
@@ -413,5 +429,5 @@ class Segmenter:
         """Writes a PNG: image | coloured label overlay, with a legend of the labels present."""
         from ..overlay import render_overlay
 
-        names = ["background", *self.index.classes]
+        names = ["background", *(result.classes if result.classes is not None else self.index.classes)]
         return render_overlay(load_image(image), result.labels, names, path, min_side)
