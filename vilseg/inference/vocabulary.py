@@ -75,12 +75,14 @@ def embed_names(model, names: list[str], templates=DEFAULT_TEMPLATES, batch_size
     device = model.logit_scale.device
     prompts = [t.format(n) for n in names for t in templates]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    out = torch.empty(len(prompts), model.text_proj.out_features)
+    out = None
     bar = tqdm(total=len(names), desc="embedding names", unit="name", disable=progress is False or len(names) < 2000,
                mininterval=1)
     for i in range(0, len(prompts), batch_size):
         chunk = order[i:i + batch_size]
-        out[chunk] = model.encode_texts([prompts[j] for j in chunk]).float().cpu()
+        emb = model.encode_texts([prompts[j] for j in chunk]).float().cpu()
+        out = emb.new_empty(len(prompts), emb.shape[1]) if out is None else out
+        out[chunk] = emb
         bar.update(len(chunk) / len(templates))
     bar.close()
     emb = out.to(device).view(len(names), len(templates), -1).mean(1)
