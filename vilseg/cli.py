@@ -178,7 +178,7 @@ def write_outputs(segmenter, image, result, out: Path, stem: str, source: str) -
 
     labels = result.labels
     mode = np.uint8 if labels.max(initial=0) < 256 else np.uint16
-    Image.fromarray(labels.astype(mode)).save(out / f"{stem}.png")
+    Image.fromarray(labels.astype(mode)).save(out / f"{stem}.png", compress_level=1)
     classes = result.classes
     record = {"source": source, "size": [int(labels.shape[1]), int(labels.shape[0])],
               "classes": ["background", *classes] if len(classes) <= 1000 else None, "segments": result.segments}

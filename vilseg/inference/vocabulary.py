@@ -63,7 +63,7 @@ def normalise_vocabulary(vocabulary) -> dict[str, list[str]]:
 
 
 @torch.inference_mode()
-def embed_names(model, names: list[str], templates=DEFAULT_TEMPLATES, batch_size: int = 512,
+def embed_names(model, names: list[str], templates=DEFAULT_TEMPLATES, batch_size: int = 128,
                 progress: bool | None = False) -> torch.Tensor:
     """[N, E]: every name embedded with every template in batches, averaged over templates, L2-normalised.
 
@@ -173,7 +173,7 @@ class VocabularyIndex:
 
     @classmethod
     def build(cls, model, vocabulary, templates=DEFAULT_TEMPLATES, center: bool = True, kind: str = "auto",
-              batch_size: int = 512, progress: bool | None = False) -> "VocabularyIndex":
+              batch_size: int = 128, progress: bool | None = False) -> "VocabularyIndex":
         """Embeds a vocabulary with ``model``'s text side.
 
         Args:
