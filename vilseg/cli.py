@@ -443,9 +443,9 @@ def cmd_probe(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.model and args.dataset == "synthetic":  # + the linear probes of colour and shape
-        from .recipes import probe_encoder
+        from .eval.probes import probe_synthetic
 
-        report = probe_encoder(load_model(args.model), dataset.root, out / "intra_inter.png")
+        report = probe_synthetic(load_model(args.model), dataset.root, out / "intra_inter.png")
     else:
         if args.model:
             features = ev.EncoderFeatures(load_model(args.model), size=args.size)

@@ -43,6 +43,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .eval.probes import probe_synthetic
+
 RECIPES = {  # name -> training stages (configs), in order; the last stage's export is measured
     "scratch": ["configs/demo.yaml"],
     "scratch+dense": ["configs/dense/vilseg-demo.yaml"],  # ViL-Seg with region distillation, one stage
@@ -155,24 +157,6 @@ def has_text(recipe: str) -> bool:
     return "xm" in load_config(RECIPES[recipe][-1]).objectives
 
 
-def probe_encoder(model, split: Path, plot: Path | None = None) -> dict:
-    """The encoder probes (prompting-patch segmentation, intra/inter-object similarity, linear probes of colour and
-    shape) of ``model``'s patch tokens on one labelled split of the synthetic world."""
-    from .eval import (EncoderFeatures, intra_inter_similarity, linear_probe, load_dataset, object_features,
-                       prompt_patch_segmentation)
-
-    items = load_dataset("synthetic", split)
-    names = items.classes[1:]
-    encoder = EncoderFeatures(model)
-    report = {"prompt_patch": prompt_patch_segmentation(encoder, items),
-              "intra_inter": intra_inter_similarity(encoder, items, plot=str(plot) if plot else None)}
-    x, y, groups = object_features(encoder, items)
-    report["linear_probe"] = {
-        attr: linear_probe(x, np.array([names[c - 1].split()[i] for c in y]), groups)
-        for i, attr in enumerate(("colour", "shape"))}
-    return report
-
-
 def measure(model_dir: Path, data_dir: Path, out: Path, text: bool) -> dict:
     """Every measurement of one trained model (see the module docstring)."""
     from . import demo
@@ -182,7 +166,7 @@ def measure(model_dir: Path, data_dir: Path, out: Path, text: bool) -> dict:
     items = load_dataset("synthetic", data_dir / "eval")
     names = items.classes[1:]
     model = ViLSeg.from_pretrained(model_dir)
-    report = probe_encoder(model, data_dir / "eval", out / "intra_inter.png")
+    report = probe_synthetic(model, data_dir / "eval", out / "intra_inter.png")
     if text:
         from .inference import ReadOut, Segmenter
 
@@ -390,7 +374,7 @@ def main(argv: list[str] | None = None) -> dict:
                            "prompt_patch_miou_random": r["prompt_patch"]["random"]["best_miou"],
                            "intra_inter_overlap": r["intra_inter"]["overlap"], "intra_inter_auc": r["intra_inter"]["auc"],
                            "probe_shape_acc": r["linear_probe"]["shape"], "probe_colour_acc": r["linear_probe"]["colour"]}
-        report = probe_encoder(ViLSeg.from_pretrained(args.probe), args.data / args.split)
+        report = probe_synthetic(ViLSeg.from_pretrained(args.probe), args.data / args.split)
         print(json.dumps({"model": str(args.probe), "split": args.split, **short(report)}))
         return report
     if args.recipe is None:

@@ -344,3 +344,21 @@ def patch_naming_accuracy(segmenter, items, names: list[str]) -> dict:
         right_shape += same_shape[truth, pred].sum().item()
     return {"class": 100 * right / total, "colour": 100 * right_colour / total, "shape": 100 * right_shape / total,
             "pixels": total}
+
+
+def probe_synthetic(model, split, plot=None) -> dict:
+    """Every encoder probe of ``model``'s patch tokens on one labelled split of the synthetic world: MMC's
+    prompting-patch segmentation and intra/inter-object similarity (its histogram PNG at ``plot``), and linear probes
+    of each object's colour and shape (the synthetic world's classes are "<colour> <shape>")."""
+    from .datasets import load_dataset
+
+    items = load_dataset("synthetic", split)
+    names = items.classes[1:]
+    encoder = EncoderFeatures(model)
+    report = {"prompt_patch": prompt_patch_segmentation(encoder, items),
+              "intra_inter": intra_inter_similarity(encoder, items, plot=str(plot) if plot else None)}
+    x, y, groups = object_features(encoder, items)
+    report["linear_probe"] = {
+        attr: linear_probe(x, np.array([names[c - 1].split()[i] for c in y]), groups)
+        for i, attr in enumerate(("colour", "shape"))}
+    return report
