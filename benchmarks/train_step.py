@@ -30,8 +30,6 @@ OBJECTIVE_SETS = {  # name -> objectives config; "clip" is the baseline every ra
     "vilseg": {"xm": {}, "vis": {"weight": 0.5, "dim": 128, "hidden": 256}, "clu": {"detach": True}},
     "vilseg+dense": {"xm": {}, "vis": {"weight": 0.5, "dim": 128, "hidden": 256}, "clu": {"detach": True},
                      "dense": {}},  # the scratch+dense recipe's stage (region distillation)
-    "vilseg+dense_masked": {"xm": {}, "vis": {"weight": 0.5, "dim": 128, "hidden": 256}, "clu": {"detach": True},
-                            "dense": {"student": "masked", "blocks": 2}},  # scratch+dense_masked's stage
     "vilseg+pacl": {"xm": {}, "vis": {"weight": 0.5, "dim": 128, "hidden": 256}, "clu": {"detach": True},
                     "pacl": {}},  # the scratch+pacl recipe's stage (patch-aligned contrast)
     "mmc": {"mim": {}, "msd": {}, "gc": {}},

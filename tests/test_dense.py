@@ -128,50 +128,6 @@ def test_dense_objective_trains_the_patches_and_the_projection_toward_the_teache
         build_objectives({"dense": {"min_inside": 0.0}}, model)
 
 
-def test_masked_dense_encodes_each_crop_alone_in_the_last_blocks_as_the_naming_reads_it():
-    """student: masked: the crop's patches of a global view encoded on their own in the last k blocks (overlapping
-    crops in one pass equal each crop alone), pulled toward the teacher's embedding of the crop; gradient reaches
-    the blocks before the separated ones through the tokens they hand over."""
-    from vilseg.losses import box_patch_masks
-    from vilseg.models import create_model
-    from vilseg.objectives import EMATeacher, Learner, build_objectives
-
-    torch.manual_seed(0)
-    model = create_model("vilseg-tiny")  # 2 blocks, 4 x 4 patches
-    boxes = torch.tensor([[[0.0, 0.0, 0.5, 0.5], [0.25, 0.25, 1.0, 1.0]]])  # two overlapping crops
-    masks = box_patch_masks(boxes, (4, 4))
-    assert masks.sum(-1).tolist() == [[4, 9]]
-    hidden = model.image_encoder(torch.randn(1, 3, 32, 32), keep_block=1).hidden
-    both = model.segment_embeddings(hidden, masks, 1)
-    for i in range(2):
-        torch.testing.assert_close(both[0, i], model.segment_embeddings(hidden, masks[:, i:i + 1], 1)[0, 0])
-    objectives, weights = build_objectives({"dense": {"weight": 1.0, "min_inside": 0.5, "student": "masked",
-                                                      "blocks": 1}}, model)
-    learner = Learner(model, objectives, weights, n_global=2)
-    assert learner.keep_block() == 1
-    teacher = EMATeacher(model.image_encoder, learner.teacher_heads())
-    batch = {"views": [torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32), torch.randn(4, 3, 16, 16)],
-             "boxes": torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.1, 0.1, 0.9, 0.9], [0.2, 0.2, 0.5, 0.5]]).expand(4, 3, 4),
-             "flips": torch.tensor([False, True, False]).expand(4, 3)}
-    terms = learner(batch, teacher)
-    # the same loss computed naively: crop by crop, view by view
-    with torch.no_grad():
-        target = F.normalize(model.image_proj(teacher.encode([batch["views"][2]])[0].global_token), dim=-1)
-        cosines = []
-        for v in range(2):
-            feats = model.image_encoder(batch["views"][v], keep_block=1)
-            local, _ = box_in_view(batch["boxes"][:, 2], batch["boxes"][:, v], batch["flips"][:, v])
-            for b in range(4):
-                mask = box_patch_masks(local[b:b + 1, None], feats.grid)
-                emb = model.segment_embeddings(feats.hidden[b:b + 1], mask, 1)[0, 0]
-                cosines.append((emb * target[b]).sum())
-    assert terms["dense"].item() == pytest.approx(1 - torch.stack(cosines).mean().item(), abs=1e-5)
-    terms["loss"].backward()
-    assert model.image_encoder.vit.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match="student"):
-        build_objectives({"dense": {"student": "roi"}}, model)
-
-
 def test_patch_aligned_infonce_equals_a_naive_loop_forward_and_gradient():
     from vilseg.losses import patch_aligned_infonce
 

@@ -48,7 +48,6 @@ from .eval.probes import probe_synthetic
 RECIPES = {  # name -> training stages (configs), in order; the last stage's export is measured
     "scratch": ["configs/demo.yaml"],
     "scratch+dense": ["configs/dense/vilseg-demo.yaml"],  # ViL-Seg with region distillation, one stage
-    "scratch+dense_masked": ["configs/dense/vilseg-masked-demo.yaml"],  # the same, read through masked attention
     "scratch+pacl": ["configs/dense/vilseg-pacl-demo.yaml"],  # ViL-Seg with PACL's patch-aligned contrast
     "mmc": ["configs/mmc/pretrain-demo.yaml", "configs/mmc/vilseg-demo.yaml"],
     "mmc+dense": ["configs/mmc/pretrain-demo.yaml", "configs/dense/mmc-vilseg-demo.yaml"],

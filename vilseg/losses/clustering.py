@@ -109,16 +109,6 @@ def box_in_view(box: torch.Tensor, view_box: torch.Tensor, flipped: torch.Tensor
     return torch.where(flipped[..., None], mirrored, clipped), inside
 
 
-def box_patch_masks(boxes: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """[B, L, 4] boxes (x0, y0, x1, y1) in a view's [0, 1] coordinates -> [B, L, h * w] bool: the patches of the view
-    whose centre lies in each box (raster order)."""
-    h, w = grid
-    cy = ((torch.arange(h, device=boxes.device, dtype=boxes.dtype) + 0.5) / h)[:, None].expand(h, w).flatten()
-    cx = ((torch.arange(w, device=boxes.device, dtype=boxes.dtype) + 0.5) / w)[None, :].expand(h, w).flatten()
-    x0, y0, x1, y1 = (boxes[..., i, None] for i in range(4))
-    return (cx >= x0) & (cx < x1) & (cy >= y0) & (cy < y1)
-
-
 def patch_centres_in(grid: tuple[int, int], box: torch.Tensor, flipped: torch.Tensor, other_box: torch.Tensor,
                      other_flipped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Where the patch centres of one view fall in another view of the same image.

@@ -48,11 +48,6 @@ class Objective(nn.Module):
         """Student heads that the shared EMA teacher keeps a momentum copy of, by key (default: none)."""
         return {}
 
-    def keep_block(self, model: nn.Module) -> int | None:
-        """An encoder block whose input tokens this objective reads from the student's global views (their
-        ``ImageFeatures.hidden``), or None (default)."""
-        return None
-
     def forward(self, ctx) -> dict[str, torch.Tensor]:
         """Computes this objective's terms from a :class:`~vilseg.objectives.context.StepContext`."""
         raise NotImplementedError

@@ -38,10 +38,8 @@ class StepContext:
 
     @cached_property
     def student_global(self) -> list:
-        """Student :class:`~vilseg.models.ImageFeatures` of the clean global views (with the tokens entering the
-        block some objective reads, :meth:`Learner.keep_block`)."""
-        keep = self.learner.keep_block()
-        return [self.model.image_encoder(v, keep_block=keep) for v in self.global_views]
+        """Student :class:`~vilseg.models.ImageFeatures` of the clean global views."""
+        return [self.model.image_encoder(v) for v in self.global_views]
 
     @cached_property
     def student_local(self) -> list:
@@ -127,14 +125,6 @@ class Learner(nn.Module):
     def needs(self) -> frozenset[str]:
         """Union of the objectives' needs."""
         return frozenset().union(*(o.needs for o in self.objectives.values())) & NEEDS
-
-    def keep_block(self) -> int | None:
-        """The encoder block whose input tokens an objective reads from the student's global views (None: none)."""
-        blocks = {b for o in self.objectives.values() if (b := o.keep_block(self.model)) is not None}
-        if len(blocks) > 1:
-            raise ConfigError(f"objectives read the tokens entering different encoder blocks {sorted(blocks)}; "
-                             "one block per run is supported")
-        return blocks.pop() if blocks else None
 
     def teacher_heads(self) -> dict[str, nn.Module]:
         """Every head that the shared teacher keeps a momentum copy of, by key."""

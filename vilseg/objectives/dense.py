@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..distributed import global_mean
-from ..losses import box_in_view, box_patch_masks, embedding_distillation, patch_aligned_infonce, region_distillation
+from ..losses import box_in_view, patch_aligned_infonce, region_distillation
 from ..models.image_encoder import tokens_to_map
 from .base import Objective, register
 from ..errors import ConfigError
@@ -40,19 +40,11 @@ class RegionDistillation(Objective):
     @dataclass
     class Options:
         min_inside: float = 0.7  # a (global view, local crop) pair counts if this much of the crop is in the view
-        student: str = "pool"  # the crop read from the view as pooled naming reads a segment, or "masked" (as
-        # masked-attention naming reads it: the crop's patches encoded on their own in the last `blocks` blocks)
-        blocks: int = 2  # with student: masked
 
     def __init__(self, model, options: Options):
         super().__init__(model, options)
         if not 0 < options.min_inside <= 1:
             raise ConfigError(f"objectives.dense.min_inside must be in (0, 1], got {options.min_inside}")
-        if options.student not in ("pool", "masked"):
-            raise ConfigError(f"objectives.dense.student must be 'pool' or 'masked', got {options.student!r}")
-        if not 1 <= options.blocks <= model.image_encoder.depth:
-            raise ConfigError(f"objectives.dense.blocks must be in [1, {model.image_encoder.depth}], "
-                             f"got {options.blocks}")
         # the joint projection is the model's (exported with it); kept as a plain reference, not a submodule
         object.__setattr__(self, "_proj", model.image_proj)
 
@@ -62,9 +54,6 @@ class RegionDistillation(Objective):
     def teacher_heads(self):
         return {"dense": self._proj}
 
-    def keep_block(self, model):
-        return model.image_encoder.depth - self.options.blocks if self.options.student == "masked" else None
-
     def forward(self, ctx) -> dict[str, torch.Tensor]:
         if not ctx.local_views:
             raise ConfigError("objectives.dense needs local views: set data.n_local >= 1")
@@ -72,8 +61,6 @@ class RegionDistillation(Objective):
         with torch.no_grad():
             project = ctx.teacher.heads["dense"]
             targets = torch.stack([F.normalize(project(f.global_token), dim=-1) for f in ctx.teacher_local], 1)
-        if self.options.student == "masked":
-            return {"dense": self._masked(ctx, targets)}
         maps, local_boxes, valid = [], [], []
         for v, feats in enumerate(ctx.student_global):
             maps.append(tokens_to_map(ctx.model.embed_patches(feats.patch_tokens), feats.grid))
@@ -84,24 +71,6 @@ class RegionDistillation(Objective):
         loss = region_distillation(torch.cat(maps), torch.cat(local_boxes), targets.repeat(g, 1, 1), valid)
         count = valid.sum().float()  # the mean over the pairs of every process (DDP = one process on the whole batch)
         return {"dense": global_mean(loss * count, count)}
-
-    def _masked(self, ctx, targets: torch.Tensor) -> torch.Tensor:
-        """Each local crop's patches in each global view, encoded on their own in the last ``blocks`` blocks (all
-        crops of all views in one pass per view, :meth:`~vilseg.ViLSeg.segment_embeddings`), pulled toward the
-        teacher's embedding of the crop (:func:`~vilseg.losses.embedding_distillation`)."""
-        g, boxes, flips = ctx.n_global, ctx.batch["boxes"], ctx.batch["flips"]
-        start = self.keep_block(ctx.model)
-        losses, counts = [], []
-        for v, feats in enumerate(ctx.student_global):
-            box, inside = box_in_view(boxes[:, g:], boxes[:, v:v + 1], flips[:, v:v + 1].expand(-1, boxes.shape[1] - g))
-            masks = box_patch_masks(box, feats.grid)  # [B, L, N]
-            valid = (inside >= self.options.min_inside) & masks.any(-1)
-            predicted = ctx.model.segment_embeddings(feats.hidden, masks, start)  # [B, L, E]
-            losses.append(embedding_distillation(predicted, targets, valid))
-            counts.append(valid.sum().float())
-        count = torch.stack(counts).sum()
-        loss = sum(l * c for l, c in zip(losses, counts)) / count.clamp_min(1)
-        return global_mean(loss * count, count)
 
 
 @register
