@@ -31,7 +31,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    from vilseg.config import load_config
+    from vilseg.training.config import load_config
     from vilseg.train import main as train_main
 
     cfg = load_config(args.config)

@@ -64,8 +64,8 @@ def make_batch(model, batch: int, n_global: int, n_local: int, device, negatives
 def make_step(name: str, args, device, spec: dict | None = None):
     from vilseg.models import create_model
     from vilseg.objectives import EMATeacher, Learner, build_objectives
-    from vilseg.stage import freeze_unused
-    from vilseg.text_cache import TextFeatureCache
+    from vilseg.training.stage import freeze_unused
+    from vilseg.training.text_cache import TextFeatureCache
 
     torch.manual_seed(0)
     model = create_model(args.model, **(PROTOTYPES if "slotcon" in name else {})).to(device).train()

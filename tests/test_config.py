@@ -1,6 +1,6 @@
 import pytest
 
-from vilseg.config import find_default, load_config
+from vilseg.training.config import find_default, load_config
 
 
 def test_layers_default_experiment_and_overrides(tmp_path):
@@ -57,7 +57,7 @@ def test_repository_configs_resolve_and_build_their_objectives(name):
     ("data.masking.fill=blur", "config data.masking.fill='blur': Input should be 'image' or 'noise'"),
 ])
 def test_every_bad_value_gets_one_line_naming_key_value_and_expectation(override, expected):
-    from vilseg.config import validate_training_config
+    from vilseg.training.config import validate_training_config
 
     with pytest.raises(ValueError) as info:
         validate_training_config(load_config("configs/demo.yaml", [override]))
@@ -66,7 +66,7 @@ def test_every_bad_value_gets_one_line_naming_key_value_and_expectation(override
 
 
 def test_yaml_strings_that_are_numbers_become_numbers():
-    from vilseg.config import validate_training_config
+    from vilseg.training.config import validate_training_config
 
     # YAML 1.1 reads 1e-3 (no dot) as a string; the schema reads it as the number the user meant
     cfg = validate_training_config(load_config("configs/demo.yaml", ["optim.lr=1e-3"]))
@@ -75,7 +75,7 @@ def test_yaml_strings_that_are_numbers_become_numbers():
 
 
 def test_an_experiment_file_outside_configs_layers_on_the_repository_default(tmp_path):
-    from vilseg.config import validate_training_config
+    from vilseg.training.config import validate_training_config
 
     (tmp_path / "exp").mkdir()
     (tmp_path / "exp" / "my.yaml").write_text("train: {steps: 7}\n")

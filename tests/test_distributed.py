@@ -71,7 +71,7 @@ def _per_image_corruption():
 def _train(name, batch, wrap=None):
     from vilseg.models import create_model
     from vilseg.objectives import EMATeacher, Learner, build_objectives
-    from vilseg.stage import freeze_unused
+    from vilseg.training.stage import freeze_unused
 
     torch.manual_seed(0)
     model = create_model("vilseg-tiny", **({"n_prototypes": 8, "prototype_dim": 8, "prototype_hidden": 16}

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from vilseg.data.masking import BlockMasking
 from vilseg.models import create_model
 from vilseg.objectives import EMATeacher, Learner, build_objectives, ema_momentum
-from vilseg.text_cache import TextFeatureCache
+from vilseg.training.text_cache import TextFeatureCache
 
 GOLDEN = Path(__file__).parent / "data" / "vilseg_golden.safetensors"
 
@@ -170,7 +170,7 @@ def _batch(model, b=4, n_local=2, masks=True):
 ])
 @pytest.mark.parametrize("fill", ["image", "noise"])
 def test_every_trained_parameter_gets_a_gradient_and_terms_are_finite(spec, fill):
-    from vilseg.stage import freeze_unused
+    from vilseg.training.stage import freeze_unused
 
     model = create_model("vilseg-tiny")
     objectives, weights = build_objectives(spec, model)

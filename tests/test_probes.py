@@ -1,5 +1,7 @@
 """MMC's probes and the linear probe on hand-made splits whose answers are known, and the recipes' CSV rows."""
 import csv
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +11,8 @@ from PIL import Image
 
 from vilseg.eval import instance_masks, intra_inter_similarity, linear_probe, object_features, prompt_patch_segmentation
 from vilseg.eval.probes import _auc
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the recipes harness lives there
 
 
 def _split(tmp_path, n=4):
@@ -101,7 +105,7 @@ def test_object_features_pool_each_object(tmp_path):
 
 
 def test_recipe_rows_replace_their_seed_and_summarize(tmp_path):
-    from vilseg.recipes import BACKBONE_COLUMNS, append_row, summarize
+    from recipes import BACKBONE_COLUMNS, append_row, summarize
 
     path = tmp_path / "b.csv"
     row = {c: 1.0 for c in BACKBONE_COLUMNS} | {"recipe": "scratch", "seed": 0}
@@ -115,7 +119,7 @@ def test_recipe_rows_replace_their_seed_and_summarize(tmp_path):
 
 
 def test_stage_names_keep_two_methods_configs_of_one_file_name_apart():
-    from vilseg.recipes import RECIPES, stage_name
+    from recipes import RECIPES, stage_name
 
     assert stage_name("configs/demo.yaml") == "demo"
     assert stage_name("configs/mmc/pretrain-demo.yaml") != stage_name("configs/maskco/pretrain-demo.yaml")
@@ -124,8 +128,8 @@ def test_stage_names_keep_two_methods_configs_of_one_file_name_apart():
 
 
 def test_a_stage_folder_trained_with_another_config_is_refused(tmp_path):
-    from vilseg.config import load_config, save_config, validate_training_config
-    from vilseg.recipes import check_stage_config, stage_steps
+    from vilseg.training.config import load_config, save_config, validate_training_config
+    from recipes import check_stage_config, stage_steps
 
     args = [f"run.dir={tmp_path}", "data.shards=x.tar", "run.seed=0", "train.steps=1200"]
     check_stage_config(tmp_path, "configs/demo.yaml", args)  # nothing trained there yet

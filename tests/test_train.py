@@ -109,7 +109,7 @@ def test_two_process_ddp_with_accelerate_launch(tmp_path, shards):
 
 def test_stage_one_export_loads_into_stage_two_bit_for_bit(tmp_path, shards):
     from vilseg.models import create_model
-    from vilseg.stage import init_image_encoder
+    from vilseg.training.stage import init_image_encoder
 
     stage1 = train.main(["--config", str(REPO / "configs/mmc/pretrain-debug.yaml"), f"run.dir={tmp_path / 's1'}",
                          f"data.shards={shards}", "train.steps=3"])
@@ -136,7 +136,7 @@ def test_stage_one_export_loads_into_stage_two_bit_for_bit(tmp_path, shards):
 
 def test_init_from_errors_name_the_problem(tmp_path, shards):
     from vilseg.models import create_model
-    from vilseg.stage import init_image_encoder
+    from vilseg.training.stage import init_image_encoder
 
     with pytest.raises(FileNotFoundError, match="neither a vilseg export"):
         init_image_encoder(create_model("vilseg-tiny"), tmp_path / "nothing")
@@ -150,7 +150,7 @@ def test_timm_checkpoint_initialises_the_image_encoder(tmp_path):
     from safetensors.torch import save_file
 
     from vilseg.models import create_model
-    from vilseg.stage import init_image_encoder
+    from vilseg.training.stage import init_image_encoder
 
     source = create_model("vilseg-tiny", image={"conv_stem": False})
     save_file({k: v.contiguous() for k, v in source.image_encoder.vit.state_dict().items()}, str(tmp_path / "vit.safetensors"))

@@ -28,12 +28,12 @@ from collections import Counter
 import torch
 from torch import nn
 
-from vilseg.checkpoint import (TrainState, latest_checkpoint, load_checkpoint, replace_folder, save_checkpoint,
+from vilseg.training.checkpoint import (TrainState, latest_checkpoint, load_checkpoint, replace_folder, save_checkpoint,
                                write_text_atomic)
-from vilseg.config import flatten, load_config, save_config, validate_training_config
+from vilseg.training.config import flatten, load_config, save_config, validate_training_config
 from vilseg.models import create_model
 from vilseg.objectives import EMATeacher, Learner, build_objectives, ema_momentum
-from vilseg.stage import freeze_unused, init_image_encoder
+from vilseg.training.stage import freeze_unused, init_image_encoder
 from vilseg.errors import ConfigError, ConfigFileError
 
 
@@ -70,7 +70,7 @@ def build_model(cfg) -> tuple[nn.Module, dict | None]:
 def build_learner(cfg, model) -> tuple[Learner, EMATeacher | None, list[str]]:
     """The objectives on ``model`` as one :class:`~vilseg.objectives.Learner`, the shared EMA teacher if any
     objective needs one, and the model parameters frozen because no objective trains them."""
-    from vilseg.text_cache import TextFeatureCache
+    from vilseg.training.text_cache import TextFeatureCache
 
     objectives, weights = build_objectives(dict(cfg.objectives), model)
     parts = set().union(*(o.model_parts() for o in objectives.values()))

@@ -6,7 +6,7 @@ Stages (each commented where it is built):
   skipped), or image files to samples -> shuffle -> decode + validate + augment + mask (bad samples skipped,
   counted by reason) -> batch.
 Captions travel as strings: the training step tokenises them, or looks their features up when the text tower is
-frozen (:class:`vilseg.text_cache.TextFeatureCache`).
+frozen (:class:`vilseg.training.text_cache.TextFeatureCache`).
 Shards are split inside webdataset, never through accelerate's batch dispatch: for an IterableDataset accelerate
 would otherwise read every batch on rank 0 and broadcast it.
 """

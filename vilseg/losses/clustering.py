@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torchvision.ops import roi_align
 
-from ..distributed import all_reduce_sum, all_reduce_sum_with_grad
+from ..training.distributed import all_reduce_sum, all_reduce_sum_with_grad
 
 
 def iic_loss(p1: torch.Tensor, p2: torch.Tensor, lam: float = 1.0, eps: float = 1e-8) -> torch.Tensor:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..distributed import all_gather_no_grad, all_gather_with_grad, rank
+from ..training.distributed import all_gather_no_grad, all_gather_with_grad, rank
 
 
 def _labels(b: int, device) -> torch.Tensor:

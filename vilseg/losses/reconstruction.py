@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..distributed import all_reduce_sum, world_size
+from ..training.distributed import all_reduce_sum, world_size
 
 
 def masked_l1(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

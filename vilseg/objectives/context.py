@@ -109,7 +109,7 @@ class Learner(nn.Module):
         weights: name -> weight.
         n_global: global views per sample (views[:n_global] of every batch).
         corruption_fill: "image" or "noise" (see :attr:`StepContext.corrupted`).
-        text_cache: a :class:`~vilseg.text_cache.TextFeatureCache` for a frozen text tower, or None to run the
+        text_cache: a :class:`~vilseg.training.text_cache.TextFeatureCache` for a frozen text tower, or None to run the
             tower on every batch.
     """
 

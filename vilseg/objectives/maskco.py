@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..distributed import all_gather_no_grad, global_mean
+from ..training.distributed import all_gather_no_grad, global_mean
 from ..losses import region_contrast, region_in_view
 from ..models.heads import mlp
 from .base import Objective, register

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..distributed import all_reduce_mean
+from ..training.distributed import all_reduce_mean
 from ..losses import distillation_loss, global_contrast, masked_l1
 from ..models.heads import mlp
 from .base import Objective, register

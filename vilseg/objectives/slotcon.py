@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..distributed import all_gather_no_grad, all_reduce_mean, global_mean, rank
+from ..training.distributed import all_gather_no_grad, all_reduce_mean, global_mean, rank
 from ..losses import align_to_box, attentive_pool, grouping_loss, overlap_boxes, slot_contrast
 from ..models.heads import mlp
 from .base import Objective, register

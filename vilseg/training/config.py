@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from .errors import ConfigError, ConfigFileError, ConfigKeyError, ConfigTypeError
+from ..errors import ConfigError, ConfigFileError, ConfigKeyError, ConfigTypeError
 
 FREE_FORM = {"model.overrides", "objectives"}
 DEFAULT_NAME = "default.yaml"
@@ -86,7 +86,7 @@ def find_default(path: str | Path | None) -> Path:
         for folder in Path(path).resolve().parents:
             if (folder / DEFAULT_NAME).is_file():
                 return folder / DEFAULT_NAME
-    return Path(__file__).resolve().parents[1] / "configs" / DEFAULT_NAME
+    return Path(__file__).resolve().parents[2] / "configs" / DEFAULT_NAME
 
 
 def load_config(path: str | Path | None, overrides: list[str] = (), default: str | Path | None = None) -> Config:

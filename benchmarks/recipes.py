@@ -1,15 +1,15 @@
 """Backbone recipes on the synthetic world, trained and measured the same way: one command per (recipe, seed).
 
-    python -m vilseg.recipes --recipe scratch --seed 0      # ViL-Seg from scratch (configs/demo.yaml)
-    python -m vilseg.recipes --recipe mmc --seed 0          # MMC pretraining, then ViL-Seg on its encoder
-    python -m vilseg.recipes --recipe mmc_only --seed 0     # MMC alone: encoder probes only (it has no text side)
-    python -m vilseg.recipes --recipe maskco --seed 0       # MaskCo pretraining, then ViL-Seg on its encoder
-    python -m vilseg.recipes --recipe slotcon --seed 0      # SlotCon pretraining, then ViL-Seg on its encoder
-    python -m vilseg.recipes --recipe slotcon_only --seed 0 # SlotCon's slots as the grouping, named by text
-    python -m vilseg.recipes --recipe scratch --seed 0 --scale 2   # the same recipe at twice the compute
-    python -m vilseg.recipes --recipe scratch --seed 0 --readouts  # every candidate read-out (readouts.csv)
-    python -m vilseg.recipes --summarize                    # Markdown table (means and spreads) of the CSVs
-    python -m vilseg.recipes --probe runs/x/final --split calib   # encoder probes of any model on one split
+    python benchmarks/recipes.py --recipe scratch --seed 0      # ViL-Seg from scratch (configs/demo.yaml)
+    python benchmarks/recipes.py --recipe mmc --seed 0          # MMC pretraining, then ViL-Seg on its encoder
+    python benchmarks/recipes.py --recipe mmc_only --seed 0     # MMC alone: encoder probes only (it has no text side)
+    python benchmarks/recipes.py --recipe maskco --seed 0       # MaskCo pretraining, then ViL-Seg on its encoder
+    python benchmarks/recipes.py --recipe slotcon --seed 0      # SlotCon pretraining, then ViL-Seg on its encoder
+    python benchmarks/recipes.py --recipe slotcon_only --seed 0 # SlotCon's slots as the grouping, named by text
+    python benchmarks/recipes.py --recipe scratch --seed 0 --scale 2   # the same recipe at twice the compute
+    python benchmarks/recipes.py --recipe scratch --seed 0 --readouts  # every candidate read-out (readouts.csv)
+    python benchmarks/recipes.py --summarize                    # Markdown table (means and spreads) of the CSVs
+    python benchmarks/recipes.py --probe runs/x/final --split calib   # encoder probes of any model on one split
 
 A recipe is a list of training stages (configs); stage k+1 starts from stage k's exported image encoder. The
 recipes share the demo's shards, model and evaluation, and are sized to equal total training compute (FLOPs per
@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .eval.probes import probe_synthetic
+from vilseg.eval.probes import probe_synthetic
 
 RECIPES = {  # name -> training stages (configs), in order; the last stage's export is measured
     "scratch": ["configs/demo.yaml"],
@@ -76,7 +76,7 @@ def stage_name(config: str) -> str:
 
 def stage_steps(config: str, scale: float) -> int:
     """A stage's optimizer steps at ``scale`` times its config's compute."""
-    from .config import load_config
+    from vilseg.training.config import load_config
 
     return max(1, round(load_config(config).train.steps * scale))
 
@@ -94,7 +94,7 @@ def train_stages(recipe: str, seed: int, pattern: str, root: Path, overrides: li
     """
     import fcntl
 
-    from .train import main as train_main
+    from vilseg.train import main as train_main
 
     previous, minutes, chain = None, 0.0, []
     for config in RECIPES[recipe]:
@@ -135,7 +135,7 @@ def check_stage_config(run_dir: Path, config: str, overrides: list[str]) -> None
     """
     import yaml
 
-    from .config import flatten, load_config, validate_training_config
+    from vilseg.training.config import flatten, load_config, validate_training_config
 
     saved = run_dir / "config.yaml"
     if not saved.is_file():
@@ -151,23 +151,23 @@ def check_stage_config(run_dir: Path, config: str, overrides: list[str]) -> None
 
 
 def has_text(recipe: str) -> bool:
-    from .config import load_config
+    from vilseg.training.config import load_config
 
     return "xm" in load_config(RECIPES[recipe][-1]).objectives
 
 
 def measure(model_dir: Path, data_dir: Path, out: Path, text: bool) -> dict:
     """Every measurement of one trained model (see the module docstring)."""
-    from . import demo
-    from .eval import load_dataset, patch_naming_accuracy
-    from .models import ViLSeg
+    from vilseg import demo
+    from vilseg.eval import load_dataset, patch_naming_accuracy
+    from vilseg.models import ViLSeg
 
     items = load_dataset("synthetic", data_dir / "eval")
     names = items.classes[1:]
     model = ViLSeg.from_pretrained(model_dir)
     report = probe_synthetic(model, data_dir / "eval", out / "intra_inter.png")
     if text:
-        from .inference import ReadOut, Segmenter
+        from vilseg.inference import ReadOut, Segmenter
 
         grouping = "slots" if model.slot_head is not None and model.config.n_prototypes and \
             not _trains_clusters(model_dir) else "clusters"  # slotcon_only groups by its prototypes
@@ -184,8 +184,8 @@ def measure_readouts(model_dir: Path, data_dir: Path, out: Path) -> list[dict]:
     """Every candidate read-out of the demo's calibration (``demo.CANDIDATES``: pooled, masked attention at each k,
     re-encoded), each with its own threshold calibrated on the calibration split, then scored on the evaluation
     split: one row per read-out (``READOUT_COLUMNS`` without recipe and seed)."""
-    from . import demo
-    from .models import ViLSeg
+    from vilseg import demo
+    from vilseg.models import ViLSeg
 
     depth, seen, rows_ = ViLSeg.from_pretrained(model_dir).image_encoder.depth, set(), []
     for grouping, naming, blocks in demo.CANDIDATES:
@@ -214,8 +214,8 @@ def zero_shot_object_shape(model, items, names: list[str]) -> float:
     """Shape accuracy (%) of naming each object by the best query for its pooled joint-space patch embeddings."""
     import torch
 
-    from .eval import EncoderFeatures, object_features
-    from .inference import VocabularyIndex
+    from vilseg.eval import EncoderFeatures, object_features
+    from vilseg.inference import VocabularyIndex
 
     x, y, _ = object_features(EncoderFeatures(model, joint=True), items)
     scores = VocabularyIndex.build(model, names).scores(torch.from_numpy(x))
@@ -367,7 +367,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"\n{name}.csv\n{table}")
         return tables
     if args.probe:
-        from .models import ViLSeg
+        from vilseg.models import ViLSeg
 
         short = lambda r: {"prompt_patch_miou": r["prompt_patch"]["centroid"]["best_miou"],  # noqa: E731
                            "prompt_patch_miou_random": r["prompt_patch"]["random"]["best_miou"],
@@ -378,7 +378,7 @@ def main(argv: list[str] | None = None) -> dict:
         return report
     if args.recipe is None:
         parser.error("--recipe is required (or --summarize)")
-    from .demo import prepare_data
+    from vilseg.demo import prepare_data
 
     pattern = prepare_data(args.data, args.train_samples, 300, image_size=64)
     out = args.out / args.recipe / (f"seed{args.seed}" + (f"@x{args.scale:g}" if args.scale != 1 else ""))
