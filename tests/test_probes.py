@@ -12,7 +12,19 @@ from PIL import Image
 from vilseg.eval import instance_masks, intra_inter_similarity, linear_probe, object_features, prompt_patch_segmentation
 from vilseg.eval.probes import _auc
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the recipes harness lives there
+
+def _harness():
+    """benchmarks/recipes.py (the harness lives outside the library), loaded as a module by its path: putting
+    benchmarks/ on sys.path would let benchmarks/data_prep.py shadow the data_prep package."""
+    import importlib.util
+
+    if "vilseg_recipes" not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            "vilseg_recipes", Path(__file__).resolve().parents[1] / "benchmarks" / "recipes.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["vilseg_recipes"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["vilseg_recipes"]
 
 
 def _split(tmp_path, n=4):
@@ -105,7 +117,8 @@ def test_object_features_pool_each_object(tmp_path):
 
 
 def test_recipe_rows_replace_their_seed_and_summarize(tmp_path):
-    from recipes import BACKBONE_COLUMNS, append_row, summarize
+    harness = _harness()
+    BACKBONE_COLUMNS, append_row, summarize = harness.BACKBONE_COLUMNS, harness.append_row, harness.summarize
 
     path = tmp_path / "b.csv"
     row = {c: 1.0 for c in BACKBONE_COLUMNS} | {"recipe": "scratch", "seed": 0}
@@ -119,7 +132,7 @@ def test_recipe_rows_replace_their_seed_and_summarize(tmp_path):
 
 
 def test_stage_names_keep_two_methods_configs_of_one_file_name_apart():
-    from recipes import RECIPES, stage_name
+    RECIPES, stage_name = _harness().RECIPES, _harness().stage_name
 
     assert stage_name("configs/demo.yaml") == "demo"
     assert stage_name("configs/mmc/pretrain-demo.yaml") != stage_name("configs/maskco/pretrain-demo.yaml")
@@ -129,7 +142,8 @@ def test_stage_names_keep_two_methods_configs_of_one_file_name_apart():
 
 def test_a_stage_folder_trained_with_another_config_is_refused(tmp_path):
     from vilseg.training.config import load_config, save_config, validate_training_config
-    from recipes import check_stage_config, stage_steps
+    harness = _harness()
+    check_stage_config, stage_steps = harness.check_stage_config, harness.stage_steps
 
     args = [f"run.dir={tmp_path}", "data.shards=x.tar", "run.seed=0", "train.steps=1200"]
     check_stage_config(tmp_path, "configs/demo.yaml", args)  # nothing trained there yet

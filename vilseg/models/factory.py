@@ -5,9 +5,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..errors import ConfigError, ConfigKeyError
 from .config import deep_update, model_config_from_dict
 from .vilseg import ViLSeg, build_vilseg
-from ..errors import ConfigError, ConfigKeyError
 
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
 

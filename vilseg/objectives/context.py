@@ -6,8 +6,8 @@ from functools import cached_property
 import torch
 from torch import nn
 
-from .base import NEEDS
 from ..errors import ConfigError
+from .base import NEEDS
 
 
 class StepContext:

@@ -23,11 +23,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..losses import box_in_view, patch_aligned_infonce, region_distillation
-from ..training.distributed import global_mean
-from ..models.image_encoder import tokens_to_map
-from .base import Objective, register
 from ..errors import ConfigError
+from ..losses import box_in_view, patch_aligned_infonce, region_distillation
+from ..models.image_encoder import tokens_to_map
+from ..training.distributed import global_mean
+from .base import Objective, register
 
 
 @register

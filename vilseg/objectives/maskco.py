@@ -25,11 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..training.distributed import all_gather_no_grad, global_mean
+from ..errors import ConfigError
 from ..losses import region_contrast, region_in_view
 from ..models.heads import mlp
+from ..training.distributed import all_gather_no_grad, global_mean
 from .base import Objective, register
-from ..errors import ConfigError
 
 
 def pool_region(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

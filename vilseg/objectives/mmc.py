@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..training.distributed import all_reduce_mean
+from ..errors import ConfigError
 from ..losses import distillation_loss, global_contrast, masked_l1
 from ..models.heads import mlp
+from ..training.distributed import all_reduce_mean
 from .base import Objective, register
-from ..errors import ConfigError
 
 
 @register

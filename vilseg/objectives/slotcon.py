@@ -25,11 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..training.distributed import all_gather_no_grad, all_reduce_mean, global_mean, rank
+from ..errors import ConfigError
 from ..losses import align_to_box, attentive_pool, grouping_loss, overlap_boxes, slot_contrast
 from ..models.heads import mlp
+from ..training.distributed import all_gather_no_grad, all_reduce_mean, global_mean, rank
 from .base import Objective, register
-from ..errors import ConfigError
 
 
 def valid_slots(dots: torch.Tensor) -> torch.Tensor:

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..errors import ConfigError
 from ..losses import align_to_box, cross_modal_infonce, iic_loss, overlap_boxes, vision_contrast
 from ..models.heads import mlp
 from .base import Objective, register
-from ..errors import ConfigError
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's clamp: a temperature below 0.01 destabilises training
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..models.vilseg import CONFIG_NAME, WEIGHTS_NAME
 from ..errors import ConfigError, ConfigFileError
+from ..models.vilseg import CONFIG_NAME, WEIGHTS_NAME
 
 PREFIX = "image_encoder."
 
