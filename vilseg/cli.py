@@ -610,7 +610,16 @@ def main(argv: list[str] | None = None) -> int:
     import warnings
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    warnings.formatwarning = lambda message, *args, **kwargs: f"vilseg: warning: {message}\n"
+    default_format = warnings.formatwarning
+
+    def one_line(message, category, filename, lineno, line=None):  # vilseg's own warnings (duplicate names, ...)
+        if str(Path(__file__).resolve().parent) in str(Path(filename).resolve()):
+            return f"vilseg: warning: {message}\n"
+        return default_format(message, category, filename, lineno, line)
+
+    if not getattr(warnings.formatwarning, "vilseg", False):
+        one_line.vilseg = True
+        warnings.formatwarning = one_line
     parser = build_parser()
     if argv and argv[0] == "train":  # everything after our own options is train.py's
         args, rest = parser.parse_known_args(argv)
