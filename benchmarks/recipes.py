@@ -56,7 +56,6 @@ RECIPES = {  # name -> training stages (configs), in order; the last stage's exp
     "scratch+dense": ["configs/dense/vilseg-demo.yaml"],  # ViL-Seg with region distillation, one stage
     "scratch+pacl": ["configs/dense/vilseg-pacl-demo.yaml"],  # ViL-Seg with PACL's patch-aligned contrast
     "mmc": ["configs/mmc/pretrain-demo.yaml", "configs/mmc/vilseg-demo.yaml"],
-    "mmc_clean": ["configs/mmc/pretrain-demo-clean.yaml", "configs/mmc/vilseg-demo.yaml"],  # msd/gc on clean views
     "mmc+dense": ["configs/mmc/pretrain-demo.yaml", "configs/dense/mmc-vilseg-demo.yaml"],
     "mmc_only": ["configs/mmc/pretrain-demo.yaml"],
     "maskco": ["configs/maskco/pretrain-demo.yaml", "configs/maskco/vilseg-demo.yaml"],

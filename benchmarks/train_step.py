@@ -33,7 +33,6 @@ OBJECTIVE_SETS = {  # name -> objectives config; "clip" is the baseline every ra
     "vilseg+pacl": {"xm": {}, "vis": {"weight": 0.5, "dim": 128, "hidden": 256}, "clu": {"detach": True},
                     "pacl": {}},  # the scratch+pacl recipe's stage (patch-aligned contrast)
     "mmc": {"mim": {}, "msd": {}, "gc": {}},
-    "mmc_clean": {"mim": {}, "msd": {"corrupt_student": False}, "gc": {"corrupt_student": False}},  # msd/gc on clean views
     "mmc+vilseg": {"xm": {}, "vis": {"weight": 0.5, "dim": 128, "hidden": 256}, "clu": {"detach": True},
                    "mim": {}, "msd": {}, "gc": {}},
     "maskco": {"maskco": {}},

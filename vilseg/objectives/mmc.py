@@ -101,7 +101,6 @@ class SelfDistillation(Objective):
         warmup_teacher_temp: float = 0.04  # tau_t at step 0
         teacher_temp_warmup: float = 0.3  # fraction of training over which tau_t rises
         center_momentum: float = 0.9  # EMA of the centre
-        corrupt_student: bool = True  # the student's global views are the corrupted ones (MMC); False: clean
 
     def __init__(self, model, options: Options):
         super().__init__(model, options)
@@ -129,7 +128,7 @@ class SelfDistillation(Objective):
         self.center.mul_(self.options.center_momentum).add_(batch_mean, alpha=1 - self.options.center_momentum)
 
     def forward(self, ctx) -> dict[str, torch.Tensor]:
-        globals_ = ctx.student_corrupted if self.options.corrupt_student else ctx.student_global
+        globals_ = ctx.student_corrupted
         student = [self.head(f.global_token) for f in globals_ + ctx.student_local]
         with torch.no_grad():
             teacher = [ctx.teacher.heads["msd"](f.global_token) for f in ctx.teacher_global]
@@ -156,7 +155,6 @@ class GlobalContrast(Objective):
         dim: int = 128  # projection width
         hidden: int = 512  # projector and predictor hidden width
         temperature: float = 0.2  # tau
-        corrupt_student: bool = True  # the student's global views are the corrupted ones (MMC); False: clean
 
     def __init__(self, model, options: Options):
         super().__init__(model, options)
@@ -169,7 +167,7 @@ class GlobalContrast(Objective):
     def forward(self, ctx) -> dict[str, torch.Tensor]:
         if ctx.n_global < 2:
             raise ConfigError("objectives.gc needs data.n_global >= 2 (it contrasts two global views)")
-        feats = (ctx.student_corrupted if self.options.corrupt_student else ctx.student_global)[:2]
+        feats = ctx.student_corrupted[:2]
         queries = [F.normalize(self.predictor(self.projector(f.global_token)), dim=-1) for f in feats]
         with torch.no_grad():
             keys = [F.normalize(ctx.teacher.heads["gc"](f.global_token), dim=-1) for f in ctx.teacher_global[:2]]
