@@ -1,12 +1,23 @@
-"""The real training loop (data stream, text features, step, logging) against the bare model step, in one run.
+"""The real training loop (data stream, text features, step, logging) against the bare model step, in one run, once
+per source of the frozen text tower's features.
 
 The bare step is benchmarks/train_step.py's (pre-built batch, every caption's text features cached, no data
-pipeline). The loop is `vilseg/train.py` on the demo's shards and configuration for --steps optimizer steps, timed
-after its first 10 steps (worker start-up and the first batches excluded) and without checkpoints. Its text
-features come from the per-caption cache, which starts empty: every caption's first sighting (and most hard
-negatives) is encoded by the frozen tower, so the ratio falls as the cache fills over epochs.
+pipeline). Each loop row is `vilseg/train.py` on the demo's configuration for --steps optimizer steps, timed after
+its first 10 steps (worker start-up and the first batches excluded) and without checkpoints. Rows, by where the
+text features come from (``text_features``):
 
-    python benchmarks/train_loop.py --steps 60 --out benchmarks/results/train_loop_cpu.json
+- ``shards``: the shards hold them (``python -m data_prep text-features``; pass the prepared copy as --text-shards);
+- ``cache``: the per-caption cache, empty at the start: every caption's first sighting, and most hard negatives,
+  go through the tower (what training without prepared shards costs in its first epoch);
+- ``tower``: a cache of one caption, so every caption and negative goes through the tower on every sighting.
+
+The preparation's own cost is measured in the same run: ``data_prep text-features`` on --prep-shards (one shard
+by default) into a temporary folder, reported per sample and per 1000 training steps' worth of samples.
+
+    python -m data_prep text-features --config configs/demo.yaml 'data/demo/train-{000000..000014}.tar' \\
+        --out data/demo-text
+    python benchmarks/train_loop.py --steps 60 --text-shards 'data/demo-text/train-{000000..000014}.tar' \\
+        --out benchmarks/results/train_loop_cpu.json
 """
 from __future__ import annotations
 
@@ -24,15 +35,52 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_step  # noqa: E402
 
 
+def loop_row(config: str, shards: str, steps: int, source: str, bare_seconds: float) -> dict:
+    from vilseg.train import main as train_main
+
+    extra = ["train.text_cache_size=1"] if source == "tower" else []
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.time()
+        train_main(["--config", config, f"run.dir={tmp}/run", f"data.shards={shards}", f"train.steps={steps}",
+                    f"train.checkpoint_every={steps + 1}", "train.text_subspace=null", *extra])
+        wall = time.time() - start
+        summary = json.loads((Path(tmp) / "run" / "train_summary.json").read_text())
+    loop = summary["seconds_per_step_after_warmup"]
+    encode = summary["text_cache"]["encode_seconds"] / steps
+    return {"text_features": source, "shards": shards, "loop_step_seconds": loop,
+            "loop_over_bare": round(loop / bare_seconds, 4), "feature_sources": summary["text_features"],
+            "text_cache_hit_rate": summary["text_cache"]["hit_rate"],
+            "text_encode_seconds_per_step": round(encode, 4),
+            "loop_over_bare_without_text_encoding": round((loop - encode) / bare_seconds, 4),
+            "loop_wall_seconds_including_startup_and_export": round(wall, 1)}
+
+
+def preparation_cost(config: str, shards: list[str], batch_size: int) -> dict:
+    from data_prep.text_features import add_text_features
+
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest = add_text_features(shards, config, out=tmp, progress=False)
+    per_sample = manifest["seconds"] / manifest["samples"]
+    return {"shards": shards, "samples": manifest["samples"], "seconds": manifest["seconds"],
+            "seconds_encoding": manifest["seconds_encoding"], "texts_encoded": manifest["texts_encoded"],
+            "texts_per_second": manifest["texts_per_second"], "seconds_per_sample": round(per_sample, 5),
+            "negatives_per_caption": manifest["negatives_per_caption"],
+            "seconds_per_1000_steps_of_samples": round(per_sample * 1000 * batch_size, 1)}
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/demo.yaml")
-    parser.add_argument("--shards", default="data/demo/train-{000000..000014}.tar")
+    parser.add_argument("--shards", default="data/demo/train-{000000..000014}.tar", help="the plain shards")
+    parser.add_argument("--text-shards", default=None,
+                        help="the same shards with text features (data_prep text-features); without it, no shards row")
+    parser.add_argument("--prep-shards", nargs="*", default=["data/demo/train-000000.tar"],
+                        help="shards the preparation cost is measured on")
+    parser.add_argument("--sources", nargs="*", default=["shards", "cache", "tower"])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     from vilseg.training.config import load_config
-    from vilseg.train import main as train_main
 
     cfg = load_config(args.config)
     bare_args = argparse.Namespace(model=cfg.model.name, batch=cfg.data.batch_size, n_local=cfg.data.n_local,
@@ -40,21 +88,17 @@ def main(argv=None) -> dict:
                                    negatives=bool(cfg.data.hard_negative_groups),
                                    device="cuda" if torch.cuda.is_available() else "cpu")
     bare = train_step.run_isolated(args.config, bare_args, spec=dict(cfg.objectives))
-    with tempfile.TemporaryDirectory() as tmp:
-        start = time.time()
-        train_main(["--config", args.config, f"run.dir={tmp}/run", f"data.shards={args.shards}",
-                    f"train.steps={args.steps}", f"train.checkpoint_every={args.steps + 1}", "train.text_subspace=null"])
-        wall = time.time() - start
-        summary = json.loads((Path(tmp) / "run" / "train_summary.json").read_text())
-    loop = summary["seconds_per_step_after_warmup"]
+    rows = []
+    for source in args.sources:
+        if source == "shards" and not args.text_shards:
+            continue
+        shards = args.text_shards if source == "shards" else args.shards
+        rows.append(loop_row(args.config, shards, args.steps, source, bare["seconds_per_step"]))
     result = {"config": args.config, "machine": platform.processor() or platform.machine(),
               "threads": torch.get_num_threads(), "torch": torch.__version__, "steps": args.steps,
-              "bare_step_seconds": bare["seconds_per_step"], "loop_step_seconds": loop,
-              "loop_over_bare": loop / bare["seconds_per_step"], "text_cache": summary.get("text_cache"),
-              "text_encode_seconds_per_step": summary["text_cache"]["encode_seconds"] / args.steps,
-              "loop_over_bare_without_text_encoding": (loop - summary["text_cache"]["encode_seconds"] / args.steps)
-              / bare["seconds_per_step"],
-              "loop_wall_seconds_including_startup_and_export": round(wall, 1)}
+              "bare_step_seconds": bare["seconds_per_step"], "rows": rows,
+              "preparation": preparation_cost(args.config, args.prep_shards, cfg.data.batch_size)
+              if args.prep_shards else None}
     print(json.dumps(result, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))

@@ -6,6 +6,7 @@
     python -m data_prep build --kind coco --input annotations/captions_train2017.json --root train2017/ --out shards/
     python -m data_prep build --kind wds --input 'img2dataset_out/{00000..00099}.tar' --out clean/
     python -m data_prep check 'shards/shard-{000000..000009}.tar'
+    python -m data_prep text-features --config configs/demo.yaml 'shards/shard-{000000..000009}.tar'
     python -m data_prep synthetic --out data/synthetic          # the synthetic world (see data_prep/synthetic.py)
 """
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+
+from vilseg.errors import ConfigError
 
 
 def _build(args) -> dict:
@@ -31,6 +34,14 @@ def _build(args) -> dict:
     summary = {k: manifest[k] for k in ("samples", "inputs", "skipped")}
     summary["shards"] = len(manifest["shards"])
     summary["pattern"] = manifest.get("pattern")
+    if args.text_features:
+        from pathlib import Path
+
+        from .text_features import add_text_features
+
+        text = add_text_features([str(Path(args.out) / s["shard"]) for s in manifest["shards"]], args.text_features,
+                                 negatives=args.negatives)
+        summary["text_features"] = {k: text[k] for k in ("model", "samples_with_features", "seconds")}
     print(json.dumps(summary, indent=1))
     return manifest
 
@@ -61,6 +72,24 @@ def expand_shards(patterns: list[str]) -> list[str]:
             raise FileNotFoundError(f"{pattern!r}: {len(missing)} of {len(expanded)} shard(s) do not exist: {shown}")
         out += expanded
     return out
+
+
+def _text_features_doc() -> str:
+    from . import text_features
+
+    return text_features.__doc__
+
+
+def _text_features(parser, args) -> dict:
+    from .text_features import add_text_features
+
+    try:
+        shards = expand_shards(args.shards)
+        manifest = add_text_features(shards, args.config, args.out, args.negatives, args.batch_size)
+    except (ConfigError, FileNotFoundError, ValueError) as exn:
+        parser.exit(2, f"python -m data_prep text-features: error: {exn}\n")
+    print(json.dumps({k: v for k, v in manifest.items() if k != "shard_files"}, indent=1))
+    return manifest
 
 
 def main(argv: list[str] | None = None):
@@ -96,15 +125,34 @@ def main(argv: list[str] | None = None):
     b.add_argument("--no-dedup", action="store_true", help="keep exact duplicates")
     b.add_argument("--allow-outside-input", action="store_true",
                    help="follow symlinks that lead outside the input folder or --root (refused by default)")
+    b.add_argument("--text-features", metavar="CONFIG", default=None,
+                   help="also store the frozen text tower's features (and hard negatives) of this training config in "
+                        "every sample (see the text-features command)")
+    b.add_argument("--negatives", type=int, default=None, help="with --text-features: hard-negative draws per caption")
     c = sub.add_parser("check", help="open every sample of a shard set and report")
     c.add_argument("shards", nargs="+")
+    t = sub.add_parser("text-features", help="store a training config's frozen text-tower features in shards",
+                       description=_text_features_doc(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("shards", nargs="+", help="shard files, brace patterns, globs or folders")
+    t.add_argument("--config", required=True, help="the training config the features are for")
+    t.add_argument("--out", default=None, help="write the shards here (default: replace each shard in place)")
+    t.add_argument("--negatives", type=int, default=None,
+                   help="hard-negative draws per caption (default 16; 0: none)")
+    t.add_argument("--batch-size", type=int, default=256, help="texts per text-tower call")
     args = parser.parse_args(argv)
+    if getattr(args, "negatives", None) is None:
+        from .text_features import NEGATIVES_PER_CAPTION
+
+        args.negatives = NEGATIVES_PER_CAPTION
+    if args.command == "text-features":
+        return _text_features(parser, args)
     if args.command == "build":
         args.shard_count = args.shard_count or None
         try:
             return _build(args)
         except (ValueError, FileNotFoundError, KeyError) as exn:  # bad input: one line naming it, exit code 2
             parser.exit(2, f"python -m data_prep build: error: {exn.args[0] if exn.args else exn}\n")
+
     from .check import check_shards
 
     try:

@@ -1,12 +1,14 @@
 """Writes the synthetic world as webdataset training shards plus an evaluation split with masks.
 
     python -m data_prep.synthetic --out data/synthetic --train 20000 --eval 300
+    python -m data_prep.synthetic --out data/synthetic --text-features configs/demo.yaml   # + text-tower features
 
 Output:
     OUT/train-000000.tar ...    {key}.png, {key}.txt (caption), {key}.json (objects, seed, index)
     OUT/eval/images/{key}.png, OUT/eval/masks/{key}.png (uint8 labels, 0 background), OUT/eval/meta.json
     OUT/calib/...               same layout, training-world scenes (seen classes only), for the background threshold
     OUT/manifest.json           shard list and counts
+    OUT/text_features.json      with --text-features: the text tower's identity and the cost (data_prep/text_features.py)
 """
 from __future__ import annotations
 
@@ -68,6 +70,9 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--per-shard", type=int, default=2000)
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--text-features", metavar="CONFIG", default=None,
+                        help="also store this training config's frozen text-tower features and hard negatives in the "
+                             "training shards (python -m data_prep text-features)")
     args = parser.parse_args(argv)
     shards = write_train_shards(args.out, args.train, args.per_shard, args.image_size, args.seed)
     write_eval_split(args.out / "eval", args.eval, args.image_size, args.seed + 1)
@@ -76,6 +81,11 @@ def main(argv: list[str] | None = None) -> Path:
     manifest = {"shards": shards, "train_samples": args.train, "eval_samples": args.eval,
                 "world": SyntheticWorld("train", image_size=args.image_size, seed=args.seed).describe(),
                 "pattern": str(args.out / f"train-{{000000..{len(shards) - 1:06d}}}.tar")}
+    if args.text_features:
+        from .text_features import add_text_features
+
+        text = add_text_features([str(args.out / s) for s in shards], args.text_features)
+        manifest["text_features"] = {k: text[k] for k in ("tower", "model", "negatives_per_caption", "seconds")}
     (args.out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     print(json.dumps(manifest))
     return args.out

@@ -85,6 +85,25 @@ def build_learner(cfg, model) -> tuple[Learner, EMATeacher | None, list[str]]:
     return learner, teacher, frozen
 
 
+def check_text_features(cfg, model, learner) -> str | None:
+    """The frozen text tower's identity when the stream may read stored features (a frozen tower, objectives that
+    read captions, shards on disk), else None. Raises ConfigError when the first shard holds features of another
+    tower or negatives of other word groups (:func:`vilseg.data.text_features.check_shard_features`)."""
+    from vilseg.data.stream import resolve_shards
+    from vilseg.data.text_features import check_shard_features
+    from vilseg.models.text_encoder import tower_identity
+
+    if learner.text_cache is None:
+        return None
+    folder, synthetic, urls = resolve_shards(cfg.data.shards, captions=True)
+    if folder or synthetic:
+        return None
+    identity = tower_identity(model)
+    check_shard_features(urls, identity, cfg.model.name, cfg.data.hard_negative_groups,
+                         cfg.data.hard_negative_exclude)
+    return identity
+
+
 def build_optimizer(module: nn.Module, cfg):
     """AdamW over the trainable parameters; no weight decay on biases, norms, tokens, position embeddings, the
     logit scale and prototypes."""
@@ -110,9 +129,10 @@ def build_scheduler(optimizer, cfg):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def build_loader(cfg, model, needs: frozenset[str]):
+def build_loader(cfg, model, needs: frozenset[str], text_tower: str | None = None):
     """The stream of batches, with only what the objectives need: captions (and hard negatives), local views,
-    masks for corruption."""
+    masks for corruption; ``text_tower`` (a frozen tower's identity) lets it read the shards' stored text
+    features."""
     from torch.utils.data import DataLoader
 
     from vilseg.data.augment import Photometric
@@ -139,7 +159,8 @@ def build_loader(cfg, model, needs: frozenset[str]):
                                resampled=cfg.data.resampled, shuffle_buffer=cfg.data.shuffle_buffer,
                                captions=captions, swap_groups=cfg.data.hard_negative_groups if captions else None,
                                swap_exclude=cfg.data.hard_negative_exclude, masking=masking,
-                               min_image_side=cfg.data.min_image_side, max_caption_chars=cfg.data.max_caption_chars)
+                               min_image_side=cfg.data.min_image_side, max_caption_chars=cfg.data.max_caption_chars,
+                               text_tower=text_tower)
     return DataLoader(stream, batch_size=None, num_workers=cfg.data.num_workers,
                       persistent_workers=cfg.data.num_workers > 0)
 
@@ -147,7 +168,8 @@ def build_loader(cfg, model, needs: frozenset[str]):
 def to_device(batch: dict, device) -> dict:
     out = dict(batch)
     out["views"] = [v.to(device, non_blocking=True) for v in batch["views"]]
-    for key in ("boxes", "flips", "masks", "has_neg"):
+    for key in ("boxes", "flips", "masks", "has_neg", "text_features", "text_features_ok", "neg_text_features",
+                "neg_text_features_ok"):
         if key in batch:
             out[key] = batch[key].to(device, non_blocking=True)
     return out
@@ -252,15 +274,16 @@ def main(argv: list[str] | None = None) -> Path:
     run_dir = Path(cfg.run.dir)
     accelerator = make_accelerator(cfg, run_dir)
     set_seed(cfg.run.seed)
+    model, init_report = build_model(cfg)
+    learner, teacher, frozen = build_learner(cfg, model)
+    text_tower = check_text_features(cfg, model, learner)  # before anything is written
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-    model, init_report = build_model(cfg)
-    learner, teacher, frozen = build_learner(cfg, model)
     log_init(accelerator, run_dir, init_report, frozen, resuming=bool(args.resume))
     optimizer = build_optimizer(learner, cfg)
     scheduler = build_scheduler(optimizer, cfg)
-    loader = build_loader(cfg, model, learner.needs)
+    loader = build_loader(cfg, model, learner.needs, text_tower)
     learner, optimizer = accelerator.prepare(learner, optimizer)
     state = TrainState()
     if teacher is not None:
@@ -332,6 +355,8 @@ def main(argv: list[str] | None = None) -> Path:
         cache = inner.text_cache
         summary["text_cache"] = {"hit_rate": round(cache.hit_rate, 4), "captions": len(cache.store),
                                  "encode_seconds": round(cache.encode_seconds, 1)}
+        # where each caption's (and hard negative's) features came from, this session
+        summary["text_features"] = {"shards": inner.stored_features, "cache": cache.hits, "tower": cache.misses}
     final_dir = export(accelerator, inner.model, run_dir, state, summary, cfg, "captions" in inner.needs)
     accelerator.end_training()
     return final_dir

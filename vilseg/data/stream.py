@@ -6,7 +6,8 @@ Stages (each commented where it is built):
   skipped), or image files to samples -> shuffle -> decode + validate + augment + mask (bad samples skipped,
   counted by reason) -> batch.
 Captions travel as strings: the training step tokenises them, or looks their features up when the text tower is
-frozen (:class:`vilseg.training.text_cache.TextFeatureCache`).
+frozen (:class:`vilseg.training.text_cache.TextFeatureCache`). Shards prepared with ``data_prep text-features`` carry
+a frozen tower's features and hard negatives; these travel with the batch instead (:mod:`vilseg.data.text_features`).
 Shards are split inside webdataset, never through accelerate's batch dispatch: for an IterableDataset accelerate
 would otherwise read every batch on rank 0 and broadcast it.
 """
@@ -198,14 +199,22 @@ class DecodeAugment:
             would be blown up into a flat crop.
         max_caption_chars: captions longer than this are skipped (``caption_too_long``): a megabyte caption is a
             broken sample, not a description.
+        text_tower: the frozen text tower's identity (:func:`~vilseg.models.text_encoder.tower_identity`): samples
+            whose stored features are this tower's carry them as ``text_feature`` (and, when made for
+            ``swap_groups``, their hard negative is drawn from the stored ones, with ``neg_text_feature``). None:
+            stored features are ignored.
     """
 
     def __init__(self, crop, skip_log: SkipLog, seed: int, captions: bool = True, swap_groups=None,
-                 swap_exclude=(), masking=None, min_image_side: int = 16, max_caption_chars: int = 1000):
+                 swap_exclude=(), masking=None, min_image_side: int = 16, max_caption_chars: int = 1000,
+                 text_tower: str | None = None):
+        from .text_features import normalise_groups, swap_key
+
         self.crop, self.skip_log, self.seed, self.captions, self.masking = crop, skip_log, seed, captions, masking
         self.min_image_side, self.max_caption_chars = min_image_side, max_caption_chars
-        self.swap_groups = [list(map(str.lower, g)) for g in swap_groups or [] if len(g) > 1]
-        self.swap_exclude = [p.lower() for p in swap_exclude or ()]
+        self.swap_groups, self.swap_exclude = normalise_groups(swap_groups, swap_exclude)
+        self.text_tower = text_tower if captions else None
+        self.swap_key = swap_key(self.swap_groups, self.swap_exclude)
 
     def __call__(self, source):
         import webdataset as wds
@@ -237,10 +246,24 @@ class DecodeAugment:
         out = {"views": views, "boxes": boxes, "flips": flips, "caption": caption, "key": sample.get("__key__")}
         if self.masking is not None:
             out["masks"] = torch.from_numpy(np.stack([self.masking(rng) for _ in range(self.crop.n_global)]))
+        stored, index = None, None
+        if self.text_tower is not None:
+            from .text_features import read_sample
+
+            stored = read_sample(sample, self.text_tower, self.swap_key)
+            index = stored.caption_index(caption) if stored is not None else None
+            if index is not None:
+                out["text_feature"] = stored.row(index)
         if self.captions and self.swap_groups:
-            negative = swap_word(caption, self.swap_groups, rng, self.swap_exclude)
-            out["neg_caption"] = negative or caption  # an invalid negative is masked out of the loss
-            out["has_neg"] = negative is not None
+            if index is not None and stored.negatives is not None:  # one of the negatives prepared for it
+                choices = stored.negatives[index]
+                pick = choices[rng.integers(len(choices))] if choices else index
+                out["neg_caption"], out["has_neg"] = stored.texts[pick], bool(choices)
+                out["neg_text_feature"] = stored.row(pick)
+            else:
+                negative = swap_word(caption, self.swap_groups, rng, self.swap_exclude)
+                out["neg_caption"] = negative or caption  # an invalid negative is masked out of the loss
+                out["has_neg"] = negative is not None
         return out
 
     def _caption(self, sample: dict, rng) -> str | None:
@@ -277,7 +300,22 @@ def collate(samples: list[dict]) -> dict:
     if "neg_caption" in samples[0]:
         batch["neg_captions"] = [s["neg_caption"] for s in samples]
         batch["has_neg"] = torch.tensor([s["has_neg"] for s in samples])
+    if any("text_feature" in s for s in samples):  # stored text-tower features; ok marks the samples that had them
+        batch["text_features"], batch["text_features_ok"] = _stack_rows([s.get("text_feature") for s in samples])
+        if "neg_caption" in samples[0]:
+            batch["neg_text_features"], batch["neg_text_features_ok"] = _stack_rows(
+                [s.get("neg_text_feature") for s in samples])
     return batch
+
+
+def _stack_rows(rows: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """Optional [W] arrays -> ([N, W] tensor with zeros where missing, [N] bool present)."""
+    width = next(r for r in rows if r is not None).shape[-1]
+    out = np.zeros((len(rows), width), dtype=np.float16)
+    for i, r in enumerate(rows):
+        if r is not None:
+            out[i] = r
+    return torch.from_numpy(out), torch.tensor([r is not None for r in rows])
 
 
 def read_captions(shards, n: int) -> list[str]:
@@ -387,7 +425,8 @@ def resolve_shards(shards, captions: bool = True) -> tuple[bool, bool, list[str]
 
 def make_train_stream(shards, crop, batch_size: int, seed: int = 0, resampled: bool = True,
                       shuffle_buffer: int = 1000, captions: bool = True, swap_groups=None, swap_exclude=(),
-                      masking=None, min_image_side: int = 16, max_caption_chars: int = 1000):
+                      masking=None, min_image_side: int = 16, max_caption_chars: int = 1000,
+                      text_tower: str | None = None):
     """Builds the training ``wds.DataPipeline`` (an IterableDataset yielding collated batches).
 
     Args:
@@ -406,6 +445,8 @@ def make_train_stream(shards, crop, batch_size: int, seed: int = 0, resampled: b
         masking: a :class:`~vilseg.data.masking.BlockMasking` for the global views, or None.
         min_image_side, max_caption_chars: limits below/above which samples are skipped and counted
             (see :class:`DecodeAugment`).
+        text_tower: the frozen text tower's identity: stored features of this tower are used (see
+            :class:`DecodeAugment`); None ignores them.
     """
     import webdataset as wds
 
@@ -433,6 +474,6 @@ def make_train_stream(shards, crop, batch_size: int, seed: int = 0, resampled: b
         to_samples,
         wds.detshuffle(bufsize=shuffle_buffer, initial=min(shuffle_buffer, 100), seed=seed),  # sample order
         DecodeAugment(crop, skip_log, seed, captions, swap_groups, swap_exclude, masking, min_image_side,
-                      max_caption_chars),  # decode, validate, augment, mask
+                      max_caption_chars, text_tower),  # decode, validate, augment, mask
         wds.batched(batch_size, collation_fn=collate, partial=False),
     )

@@ -30,14 +30,9 @@ INDEX_FILE, META_FILE, VECTORS_FILE = "index.faiss", "vocabulary.json", "vectors
 def text_identity(model) -> str:
     """A fingerprint of everything that maps a name to its embedding: the text tower's weights, the text projection
     and the tokenizer settings. An index built with one text side refuses to load with another."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        if name.startswith(("text_encoder.", "text_proj.")):
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    text_cfg = getattr(getattr(model, "config", None), "text", None)
-    digest.update(repr(text_cfg).encode())
-    return digest.hexdigest()[:32]
+    from ..models.text_encoder import weights_identity
+
+    return weights_identity(model, ("text_encoder.", "text_proj."))
 
 
 def normalise_vocabulary(vocabulary) -> dict[str, list[str]]:

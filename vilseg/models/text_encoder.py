@@ -158,3 +158,23 @@ def build_text_encoder(cfg, asset_dir=None) -> nn.Module:
     if cfg.freeze:
         encoder.requires_grad_(False)
     return encoder
+
+
+def tower_identity(model) -> str:
+    """A fingerprint of what maps a caption to its text-tower features: the tower's weights and the text config
+    (tokenizer, context length). Features stored with one identity are refused by a model with another
+    (``data_prep text-features``); the trained text projection is not part of it."""
+    return weights_identity(model, ("text_encoder.",))
+
+
+def weights_identity(model, prefixes: tuple[str, ...]) -> str:
+    """sha256 (32 hex digits) of the model's tensors under ``prefixes`` and of its text config."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if name.startswith(prefixes):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    digest.update(repr(getattr(getattr(model, "config", None), "text", None)).encode())
+    return digest.hexdigest()[:32]

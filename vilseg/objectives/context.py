@@ -92,7 +92,13 @@ class StepContext:
         in the joint space, L2-normalised; positives and negatives go through the text tower in one call."""
         captions = list(self.batch["captions"])
         negatives = list(self.batch.get("neg_captions") or [])
-        feats = self.learner.text_features(captions + negatives)
+        stored = None
+        if "text_features" in self.batch:  # from the shards, where they held this tower's features
+            stored = (self.batch["text_features"], self.batch["text_features_ok"])
+            if negatives:
+                stored = (torch.cat([stored[0], self.batch["neg_text_features"]]),
+                          torch.cat([stored[1], self.batch["neg_text_features_ok"]]))
+        feats = self.learner.text_features(captions + negatives, stored)
         embed = self.model.embed_text_features(feats)
         b = len(captions)
         if not negatives:
@@ -120,6 +126,7 @@ class Learner(nn.Module):
             raise ConfigError(f"data.masking.fill must be 'image' or 'noise', got {corruption_fill!r}")
         self.model, self.objectives, self.weights = model, objectives, dict(weights)
         self.n_global, self.corruption_fill, self.text_cache = n_global, corruption_fill, text_cache
+        self.stored_features = 0  # captions whose features came from the shards (the rest: text_cache counts)
 
     @property
     def needs(self) -> frozenset[str]:
@@ -133,9 +140,21 @@ class Learner(nn.Module):
             heads.update(obj.teacher_heads())
         return heads
 
-    def text_features(self, captions: list[str]) -> torch.Tensor:
-        """Captions -> [N, W] text-tower features (from the cache when the tower is frozen)."""
+    def text_features(self, captions: list[str], stored: tuple[torch.Tensor, torch.Tensor] | None = None
+                      ) -> torch.Tensor:
+        """Captions -> [N, W] text-tower features: the stored ones where ``stored`` ([N, W] features, [N] present)
+        has them (shards prepared with ``data_prep text-features``), the rest from the cache when the tower is
+        frozen, else from the tower."""
         device = self.model.logit_scale.device
+        if stored is not None and self.text_cache is not None:
+            feats, present = stored
+            self.stored_features += int(present.sum())
+            if bool(present.all()):
+                return feats.to(device).float()
+            out = feats.to(device).float()
+            missing = (~present).nonzero().flatten().tolist()
+            out[missing] = self.text_cache([captions[i] for i in missing], device).to(out.dtype)
+            return out
         if self.text_cache is not None:
             return self.text_cache(captions, device)
         tokens = {k: v.to(device) for k, v in self.model.tokenizer(captions).items()}
