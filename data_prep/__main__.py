@@ -39,7 +39,7 @@ def _build(args) -> dict:
 
         from .text_features import add_text_features
 
-        text = add_text_features([str(Path(args.out) / s["shard"]) for s in manifest["shards"]], args.text_features,
+        text = add_text_features([str(Path(args.out) / name) for name in manifest["shards"]], args.text_features,
                                  negatives=args.negatives)
         summary["text_features"] = {k: text[k] for k in ("model", "samples_with_features", "seconds")}
     print(json.dumps(summary, indent=1))

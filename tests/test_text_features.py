@@ -166,3 +166,25 @@ def test_data_prep_text_features_command_errors_in_one_line(prepared, tmp_path):
                              capture_output=True, text=True, cwd=REPO, timeout=300)
         assert run.returncode == 2 and "Traceback" not in run.stderr and expected in run.stderr
         assert len(run.stderr.strip().splitlines()) == 1
+
+
+def test_build_with_text_features_writes_them_into_the_shards_it_builds(prepared, tmp_path):
+    from PIL import Image
+
+    from data_prep.__main__ import main as data_prep_main
+
+    _, config, _ = prepared
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    captions = {"a": "a red square", "b": "a blue circle and a green cross", "c": "no swappable word here"}
+    for i, (name, caption) in enumerate(captions.items()):
+        Image.new("RGB", (48, 40), (40 * i, 90, 200)).save(photos / f"{name}.png")
+        (photos / f"{name}.txt").write_text(caption)
+    data_prep_main(["build", "--kind", "folder", "--input", str(photos), "--out", str(tmp_path / "shards"),
+                    "--text-features", config])
+    written = _members(tmp_path / "shards" / "shard-000000.tar")
+    metas = {name.split(".")[0]: json.loads(data) for name, data in written.items() if name.endswith(".text.json")}
+    assert sorted(m["texts"][0] for m in metas.values()) == sorted(captions.values())
+    by_caption = {m["texts"][0]: m for m in metas.values()}
+    assert len(by_caption["a red square"]["negatives"][0]) == 16
+    assert by_caption["no swappable word here"]["negatives"] == [[]]  # no swap exists: no negative, never a copy
