@@ -188,3 +188,14 @@ def test_build_with_text_features_writes_them_into_the_shards_it_builds(prepared
     by_caption = {m["texts"][0]: m for m in metas.values()}
     assert len(by_caption["a red square"]["negatives"][0]) == 16
     assert by_caption["no swappable word here"]["negatives"] == [[]]  # no swap exists: no negative, never a copy
+
+
+def test_vilseg_train_refuses_another_towers_features_before_it_launches(prepared, tmp_path):
+    root, _, _ = prepared
+    config = _config(tmp_path, "other", ", overrides: {text: {context_length: 24}}")
+    run = subprocess.run([sys.executable, "-m", "vilseg.cli", "train", "--config", config,
+                          f"run.dir={tmp_path / 'run'}", f"data.shards={root / 'text'}/train-{{000000..000001}}.tar"],
+                         capture_output=True, text=True, cwd=REPO, timeout=300)
+    lines = [line for line in run.stderr.splitlines() if line.startswith("vilseg: error:")]
+    assert run.returncode == 2 and "Traceback" not in run.stderr + run.stdout
+    assert len(lines) == 1 and "another text tower" in lines[0] and not (tmp_path / "run").exists()

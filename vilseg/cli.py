@@ -471,14 +471,14 @@ def cmd_train(args, rest: list[str]) -> int:
     Without an accelerate config file (``accelerate config``) and without ``--launch-args``, the launch gets explicit
     single-process defaults, so accelerate does not warn about guessing them."""
     from .errors import ConfigError
-    from .train import check_config
+    from .train import check_config, check_text_features
 
     overrides = [a for a in rest if not a.startswith("-")]
     unknown = [a for a in rest if a.startswith("-")]
     if unknown:
         raise UserError(f"unknown option(s) {unknown} for vilseg train (see vilseg train --help)")
     try:
-        check_config(args.config, overrides)
+        check_text_features(check_config(args.config, overrides))  # stored text features: this model's tower's?
     except ConfigError as exn:
         raise UserError(str(exn).replace("\n", "; ")) from None
     from accelerate.commands.config import default_config_file

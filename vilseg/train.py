@@ -85,22 +85,34 @@ def build_learner(cfg, model) -> tuple[Learner, EMATeacher | None, list[str]]:
     return learner, teacher, frozen
 
 
-def check_text_features(cfg, model, learner) -> str | None:
-    """The frozen text tower's identity when the stream may read stored features (a frozen tower, objectives that
-    read captions, shards on disk), else None. Raises ConfigError when the first shard holds features of another
-    tower or negatives of other word groups (:func:`vilseg.data.text_features.check_shard_features`)."""
-    from vilseg.data.stream import resolve_shards
-    from vilseg.data.text_features import check_shard_features
-    from vilseg.models.text_encoder import tower_identity
+def check_text_features(cfg, model=None) -> str | None:
+    """The frozen text tower's identity when the stream may read stored text features (objectives that read
+    captions, a frozen tower, shards on disk), else None. Raises ConfigError when the first shard holds features of
+    another tower or negatives of other word groups (:func:`vilseg.data.text_features.check_shard_features`).
 
-    if learner.text_cache is None:
+    Without ``model`` (``vilseg train``, before it launches) the model is built only if the first shard holds
+    features, to compare towers."""
+    from vilseg.data.stream import resolve_shards
+    from vilseg.data.text_features import check_shard_features, first_meta
+    from vilseg.models.text_encoder import tower_identity
+    from vilseg.objectives import REGISTRY, check_objectives
+
+    if not any("captions" in REGISTRY[name].needs for name in check_objectives(dict(cfg.objectives))):
         return None
     folder, synthetic, urls = resolve_shards(cfg.data.shards, captions=True)
     if folder or synthetic:
         return None
+    meta = first_meta(urls)
+    if model is None:
+        if meta is None:
+            return None
+        model = build_model(cfg)[0]
+    if any(p.requires_grad for p in model.text_encoder.parameters()):  # a tower that trains: features go stale
+        return None
     identity = tower_identity(model)
-    check_shard_features(urls, identity, cfg.model.name, cfg.data.hard_negative_groups,
-                         cfg.data.hard_negative_exclude)
+    if meta is not None:
+        check_shard_features(meta, urls[0], identity, cfg.model.name, cfg.data.hard_negative_groups,
+                             cfg.data.hard_negative_exclude)
     return identity
 
 
@@ -276,7 +288,7 @@ def main(argv: list[str] | None = None) -> Path:
     set_seed(cfg.run.seed)
     model, init_report = build_model(cfg)
     learner, teacher, frozen = build_learner(cfg, model)
-    text_tower = check_text_features(cfg, model, learner)  # before anything is written
+    text_tower = check_text_features(cfg, model) if learner.text_cache is not None else None  # nothing written yet
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")

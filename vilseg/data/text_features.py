@@ -15,7 +15,8 @@ same way. float16 halves the bytes; its rounding (relative 5e-4) is far below an
 The stream (:class:`~vilseg.data.stream.DecodeAugment`) uses a sample's features when their tower identity
 (:func:`~vilseg.models.text_encoder.tower_identity`) is the model's and the caption it drew is among ``texts``;
 otherwise that caption goes through the text-feature cache as before. Training refuses, before it starts, shards
-whose first sample holds features of another tower or negatives of other word groups (:func:`check_shard_features`).
+whose first sample holds features of another tower or negatives of other word groups (:func:`check_shard_features`;
+``vilseg train`` checks this before it launches).
 """
 from __future__ import annotations
 
@@ -105,29 +106,32 @@ def first_sample(url: str) -> dict | None:
     return next(iter(pipeline), None)
 
 
-def check_shard_features(urls: list[str], identity: str, model: str, groups, exclude) -> dict | None:
-    """Reads the first sample of the first shard; returns its ``text.json`` (None when the shards hold no features).
-
-    Raises:
-        ConfigError: the features come from another text tower, or their hard negatives from other word groups
-            (the config has groups and the shards' negatives were made without them or with others).
-    """
+def first_meta(urls: list[str]) -> dict | None:
+    """The ``text.json`` of the first sample of the first shard; None when it holds no (readable) features."""
     sample = first_sample(urls[0]) if urls else None
     if sample is None or JSON_MEMBER not in sample:
         return None
     try:
-        meta = json.loads(sample[JSON_MEMBER])
+        return json.loads(sample[JSON_MEMBER])
     except ValueError:
         return None
+
+
+def check_shard_features(meta: dict, url: str, identity: str, model: str, groups, exclude) -> None:
+    """Refuses stored features (``meta``: :func:`first_meta`) that another text tower made, or hard negatives made
+    for other word groups (the config has groups, and the shards' negatives were made without them or for others).
+
+    Raises:
+        ConfigError: naming the shard, the models and what to do.
+    """
     if meta.get("tower") != identity:
-        raise ConfigError(f"data.shards: {urls[0]} holds text features of another text tower (model "
+        raise ConfigError(f"data.shards: {url} holds text features of another text tower (model "
                           f"{meta.get('model')!r}, tower {str(meta.get('tower'))[:12]}), not of model.name={model!r} "
                           f"(tower {identity[:12]}): prepare them for this config ({PREPARE}) or train on shards "
                           f"without text features")
     wanted = swap_key(groups, exclude)
     if wanted is not None and meta.get("negatives_for") != wanted:
         made = "without hard negatives" if meta.get("negatives_for") is None else "for other word groups"
-        raise ConfigError(f"data.shards: the hard negatives in {urls[0]} were made {made}, not for this config's "
+        raise ConfigError(f"data.shards: the hard negatives in {url} were made {made}, not for this config's "
                           f"data.hard_negative_groups / data.hard_negative_exclude: prepare them for this config "
                           f"({PREPARE})")
-    return meta
