@@ -35,21 +35,15 @@ Stages are trained under OUT/stages/ and shared between recipes with the same fi
 """
 from __future__ import annotations
 
-import sys
+import argparse
+import csv
+import json
+import time
 from pathlib import Path
 
-# Run as a script, this file's folder comes first on sys.path and benchmarks/data_prep.py would shadow the data_prep
-# package that the demo's data preparation imports.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import numpy as np
 
-import argparse  # noqa: E402
-import csv  # noqa: E402
-import json  # noqa: E402
-import time  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-from vilseg.eval.probes import probe_synthetic  # noqa: E402
+from vilseg.eval.probes import probe_synthetic
 
 RECIPES = {  # name -> training stages (configs), in order; the last stage's export is measured
     "scratch": ["configs/demo.yaml"],

@@ -24,15 +24,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import train_step  # noqa: E402
+import train_step  # noqa: E402  (this folder is on sys.path when run as a script)
 
 
 def loop_row(config: str, shards: str, steps: int, source: str, bare_seconds: float) -> dict:
@@ -87,6 +85,7 @@ def main(argv=None) -> dict:
                                    steps=20, warmup=3, precision="fp32", threads=torch.get_num_threads(),
                                    negatives=bool(cfg.data.hard_negative_groups),
                                    device="cuda" if torch.cuda.is_available() else "cpu")
+    preparation = preparation_cost(args.config, args.prep_shards, cfg.data.batch_size) if args.prep_shards else None
     bare = train_step.run_isolated(args.config, bare_args, spec=dict(cfg.objectives))
     rows = []
     for source in args.sources:
@@ -97,8 +96,7 @@ def main(argv=None) -> dict:
     result = {"config": args.config, "machine": platform.processor() or platform.machine(),
               "threads": torch.get_num_threads(), "torch": torch.__version__, "steps": args.steps,
               "bare_step_seconds": bare["seconds_per_step"], "rows": rows,
-              "preparation": preparation_cost(args.config, args.prep_shards, cfg.data.batch_size)
-              if args.prep_shards else None}
+              "preparation": preparation}
     print(json.dumps(result, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))

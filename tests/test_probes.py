@@ -14,8 +14,8 @@ from vilseg.eval.probes import _auc
 
 
 def _harness():
-    """benchmarks/recipes.py (the harness lives outside the library), loaded as a module by its path: putting
-    benchmarks/ on sys.path would let benchmarks/data_prep.py shadow the data_prep package."""
+    """benchmarks/recipes.py (the harness lives outside the library; benchmarks/ is not a package), loaded as a
+    module by its path."""
     import importlib.util
 
     if "vilseg_recipes" not in sys.modules:

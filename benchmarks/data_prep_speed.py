@@ -6,7 +6,7 @@ Both loops read the same in-memory JPEG files and write JPEG at the same quality
          caption cleaning, SHA-256 content hash, re-encode)
 The two are timed alternately over several rounds and the best round of each is kept (robust to noise).
 
-    python benchmarks/data_prep.py --images 200 --size 640x480 --rounds 5
+    python benchmarks/data_prep_speed.py --images 200 --size 640x480 --rounds 5
 """
 from __future__ import annotations
 
