@@ -10,9 +10,11 @@ from PIL import Image
 
 
 def check_shards(shards: list[str]) -> dict:
-    """Returns {"shards", "samples", "ok", "problems": {reason: n}, "examples": [...], "extensions": {...}}."""
+    """Returns {"shards", "samples", "ok", "problems": {reason: n}, "examples": [...], "extensions": {...},
+    "text_features": {"model (tower identity)": samples}} (the last for samples that hold stored text features,
+    ``data_prep text-features``; a feature member that does not parse is a problem)."""
     report = {"shards": len(shards), "samples": 0, "ok": 0, "problems": Counter(), "examples": [],
-              "extensions": Counter()}
+              "extensions": Counter(), "text_features": Counter()}
     for shard in shards:
         try:
             groups: dict[str, dict] = {}
@@ -28,7 +30,7 @@ def check_shards(shards: list[str]) -> dict:
         for key, files in groups.items():
             report["samples"] += 1
             report["extensions"].update(files.keys())  # count extensions, not their bytes
-            problem = _check_sample(files)
+            problem = _check_sample(files) or _check_text_features(files, report["text_features"])
             if problem:
                 report["problems"][problem] += 1
                 if len(report["examples"]) < 20:
@@ -37,7 +39,27 @@ def check_shards(shards: list[str]) -> dict:
                 report["ok"] += 1
     report["problems"] = dict(report["problems"])
     report["extensions"] = dict(report["extensions"])
+    report["text_features"] = dict(report["text_features"])
     return report
+
+
+def _check_text_features(files: dict, found: Counter) -> str | None:
+    """Stored text features, if any: both members present, parseable, one row per text."""
+    import numpy as np
+
+    from vilseg.data.text_features import JSON_MEMBER, NPY_MEMBER
+
+    if JSON_MEMBER not in files and NPY_MEMBER not in files:
+        return None
+    try:
+        meta = json.loads(files[JSON_MEMBER])
+        rows = np.load(io.BytesIO(files[NPY_MEMBER]), allow_pickle=False)
+        if rows.ndim != 2 or rows.shape[0] != len(meta["texts"]):
+            return "bad_text_features"
+    except (KeyError, ValueError, TypeError):
+        return "bad_text_features"
+    found[f"{meta.get('model')} ({str(meta.get('tower'))[:12]})"] += 1
+    return None
 
 
 def _check_sample(files: dict) -> str | None:

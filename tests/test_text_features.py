@@ -199,3 +199,20 @@ def test_vilseg_train_refuses_another_towers_features_before_it_launches(prepare
     lines = [line for line in run.stderr.splitlines() if line.startswith("vilseg: error:")]
     assert run.returncode == 2 and "Traceback" not in run.stderr + run.stdout
     assert len(lines) == 1 and "another text tower" in lines[0] and not (tmp_path / "run").exists()
+
+
+def test_data_prep_check_counts_stored_features_by_model_and_flags_broken_ones(prepared, tmp_path):
+    from data_prep.check import check_shards
+
+    root, _, manifest = prepared
+    report = check_shards([str(root / "text/train-000000.tar")])
+    assert report["ok"] == 12 and report["text_features"] == {f"vilseg-tiny-minilm ({manifest['tower'][:12]})": 12}
+    members = _members(root / "text/train-000000.tar")
+    broken = tmp_path / "broken.tar"
+    with tarfile.open(broken, "w") as tar:
+        for name, data in members.items():
+            data = data[:20] if name.endswith(".text.npy") and name.startswith("00000000.") else data
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    assert check_shards([str(broken)])["problems"] == {"bad_text_features": 1}
