@@ -44,21 +44,15 @@ def check_shards(shards: list[str]) -> dict:
 
 
 def _check_text_features(files: dict, found: Counter) -> str | None:
-    """Stored text features, if any: both members present, parseable, one row per text."""
-    import numpy as np
+    """Stored text features, if any (:func:`vilseg.data.text_features.parse`): counted by model, or a problem."""
+    from vilseg.data.text_features import parse
 
-    from vilseg.data.text_features import JSON_MEMBER, NPY_MEMBER
-
-    if JSON_MEMBER not in files and NPY_MEMBER not in files:
-        return None
     try:
-        meta = json.loads(files[JSON_MEMBER])
-        rows = np.load(io.BytesIO(files[NPY_MEMBER]), allow_pickle=False)
-        if rows.ndim != 2 or rows.shape[0] != len(meta["texts"]):
-            return "bad_text_features"
-    except (KeyError, ValueError, TypeError):
+        parsed = parse(files)
+    except ValueError:
         return "bad_text_features"
-    found[f"{meta.get('model')} ({str(meta.get('tower'))[:12]})"] += 1
+    if parsed is not None:
+        found[f"{parsed[0].get('model')} ({str(parsed[0].get('tower'))[:12]})"] += 1
     return None
 
 

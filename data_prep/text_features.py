@@ -20,16 +20,17 @@ import hashlib
 import io
 import json
 import os
-import re
 import tarfile
 import time
 from pathlib import Path
 
 import numpy as np
+from webdataset.tariterators import base_plus_ext
+
+from .build import _add
 
 MANIFEST = "text_features.json"
 NEGATIVES_PER_CAPTION = 16  # draws per caption (repeats kept); the demo's captions have 4-16 distinct swaps
-_KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)[.]([^/]*)$")  # webdataset's split of a member name into key and suffix
 
 
 class Featurizer:
@@ -130,20 +131,14 @@ class Featurizer:
 
 
 def sample_captions(sample: dict[str, bytes]) -> list[str]:
-    """Every caption the training stream may draw for this sample (its json "captions" when there are several,
-    else the one caption it reads); [] when it has none."""
-    from vilseg.data.stream import _decode_caption
+    """Every caption the training stream may draw for this sample (:func:`vilseg.data.stream.caption_choices`);
+    [] when it has none."""
+    from vilseg.data.stream import caption_choices
 
     try:
-        meta = json.loads(sample["json"]) if "json" in sample else {}
-        captions = meta.get("captions")
-        if isinstance(captions, list) and len(captions) > 1:
-            found = [str(c).strip() for c in captions]
-        else:
-            found = [_decode_caption(sample, np.random.default_rng(0))]
+        return [c for c in caption_choices(sample) if c]
     except (KeyError, UnicodeDecodeError, ValueError):
         return []
-    return [c for c in found if c]
 
 
 def _read_samples(path: str) -> list[tuple[str | None, list[tuple[tarfile.TarInfo, bytes]]]]:
@@ -153,8 +148,8 @@ def _read_samples(path: str) -> list[tuple[str | None, list[tuple[tarfile.TarInf
     with tarfile.open(path, "r") as tar:
         for info in tar:
             data = tar.extractfile(info).read() if info.isfile() else b""
-            match = _KEY_EXT.match(info.name) if info.isfile() else None
-            key = match.group(1) if match else None
+            split = base_plus_ext(info.name) if info.isfile() else None  # webdataset's key / suffix split
+            key = split[0] if split and split[0] else None
             if key is not None and groups and groups[-1][0] == key:
                 groups[-1][1].append((info, data))
             else:
@@ -163,15 +158,7 @@ def _read_samples(path: str) -> list[tuple[str | None, list[tuple[tarfile.TarInf
 
 
 def _suffix(info: tarfile.TarInfo) -> str:
-    return _KEY_EXT.match(info.name).group(2)
-
-
-def _new_member(name: str, data: bytes) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, 0o644  # fixed metadata: byte-identical reruns
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    return info
+    return base_plus_ext(info.name)[1]
 
 
 def prepared(path: str | Path, featurizer: Featurizer) -> bool:
@@ -205,7 +192,7 @@ def featurize_shard(source: str, dest: Path, featurizer: Featurizer) -> dict:
                     continue
                 tar.addfile(info, io.BytesIO(data) if info.isfile() else None)
             for suffix, data in added.get(key, {}).items():
-                tar.addfile(_new_member(f"{key}.{suffix}", data), io.BytesIO(data))
+                _add(tar, f"{key}.{suffix}", data)  # fixed metadata: byte-identical reruns
         tar.fileobj.flush()
         os.fsync(tar.fileobj.fileno())
     os.replace(tmp, dest)

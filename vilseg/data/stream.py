@@ -129,22 +129,29 @@ class SkipLog:
         return out
 
 
-def _decode_caption(sample: dict, rng: np.random.Generator) -> str:
-    """The .txt caption; a sample whose json holds several "captions" (e.g. COCO) gets one drawn at random each
-    time it is seen, so each epoch may pair the image with a different caption."""
+def caption_choices(sample: dict) -> list[str]:
+    """The captions the stream may pair with this sample: its json "captions" when there are several (e.g. COCO),
+    else its one caption (.txt, .caption, or the json's). Raises KeyError("caption") when it has none."""
     meta = json.loads(sample["json"]) if "json" in sample else {}
     captions = meta.get("captions")
     if isinstance(captions, list) and len(captions) > 1:
-        return str(captions[rng.integers(len(captions))]).strip()
+        return [str(c).strip() for c in captions]
     for key in CAPTION_KEYS:
         if key in sample:
-            return sample[key].decode("utf-8").strip()
+            return [sample[key].decode("utf-8").strip()]
     value = meta.get("caption") or captions
     if isinstance(value, list) and value:
-        return str(value[0]).strip()
+        return [str(value[0]).strip()]
     if isinstance(value, str):
-        return value.strip()
+        return [value.strip()]
     raise KeyError("caption")
+
+
+def _decode_caption(sample: dict, rng: np.random.Generator) -> str:
+    """One of :func:`caption_choices`, drawn at random each time the sample is seen, so each epoch may pair the
+    image with a different caption."""
+    choices = caption_choices(sample)
+    return choices[rng.integers(len(choices))] if len(choices) > 1 else choices[0]
 
 
 def _decode_image(sample: dict) -> Image.Image:

@@ -81,21 +81,35 @@ class SampleFeatures:
         return self.rows[index]
 
 
-def read_sample(sample: dict, identity: str, key: str | None) -> SampleFeatures | None:
-    """A sample's stored features if present, readable and of the tower ``identity``; otherwise None (the caption
-    then goes through the cache)."""
-    if JSON_MEMBER not in sample or NPY_MEMBER not in sample:
+def parse(sample: dict) -> tuple[dict, np.ndarray] | None:
+    """A sample's stored ``text.json`` and ``text.npy`` as (meta, rows); None when it has neither.
+
+    Raises:
+        ValueError: members missing, unreadable, or with a row count other than the number of texts.
+    """
+    if JSON_MEMBER not in sample and NPY_MEMBER not in sample:
         return None
     try:
         meta = json.loads(sample[JSON_MEMBER])
-        if meta.get("tower") != identity:
-            return None
         rows = np.load(io.BytesIO(sample[NPY_MEMBER]), allow_pickle=False)
         if rows.ndim != 2 or rows.shape[0] != len(meta["texts"]):
-            return None
-        return SampleFeatures(meta, rows, key is not None and meta.get("negatives_for") == key)
-    except (ValueError, KeyError, TypeError):  # unreadable features: the caption goes through the cache
+            raise ValueError(f"text.npy has shape {rows.shape} for {len(meta['texts'])} texts")
+    except (KeyError, TypeError) as exn:
+        raise ValueError(f"unreadable text features: {exn!r}") from exn
+    return meta, rows
+
+
+def read_sample(sample: dict, identity: str, key: str | None) -> SampleFeatures | None:
+    """A sample's stored features if present, readable and of the tower ``identity``; otherwise None (the caption
+    then goes through the cache)."""
+    try:
+        parsed = parse(sample)
+    except ValueError:  # unreadable features: the caption goes through the cache
         return None
+    if parsed is None or parsed[0].get("tower") != identity:
+        return None
+    meta, rows = parsed
+    return SampleFeatures(meta, rows, key is not None and meta.get("negatives_for") == key)
 
 
 def first_sample(url: str) -> dict | None:
