@@ -105,17 +105,16 @@ def _worker(rank, world, init_file, name, result_file):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
+    import gloo_worker
+
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    gloo_worker.start(rank, world, init_file)
     state, losses = _train(name, _half(_batch(), rank, world), wrap=DistributedDataParallel)
     gathered = [torch.zeros_like(losses) for _ in range(world)]
     dist.all_gather(gathered, losses)
     if rank == 0:
         torch.save({"state": state, "losses": torch.stack(gathered).mean(0)}, result_file)
-    # both processes leave together: a peer that tears gloo down while the other still holds its pair connections
-    # can abort the other ("terminate called without an active exception", seen once under a loaded CPU)
-    dist.barrier()
-    dist.destroy_process_group()
+    gloo_worker.leave()
 
 
 @pytest.mark.slow

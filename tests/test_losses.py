@@ -135,7 +135,9 @@ def test_overlap_boxes_marks_disjoint_crops_invalid():
 def _gloo_worker(rank, world, init_file, img, txt, scale, result_file):
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    import gloo_worker
+
+    gloo_worker.start(rank, world, init_file)
     b = img.shape[0] // world
     local_img = img[rank * b:(rank + 1) * b].clone().requires_grad_(True)
     local_txt = txt[rank * b:(rank + 1) * b].clone().requires_grad_(True)
@@ -150,10 +152,7 @@ def _gloo_worker(rank, world, init_file, img, txt, scale, result_file):
     if rank == 0:
         torch.save({"loss": torch.stack(losses).mean(), "grad_img": torch.cat(grads_i) / world,
                     "grad_txt": torch.cat(grads_t) / world}, result_file)
-    # both processes leave together: a peer that tears gloo down while the other still holds its pair connections
-    # can abort the other ("terminate called without an active exception", seen once under a loaded CPU)
-    dist.barrier()
-    dist.destroy_process_group()
+    gloo_worker.leave()
 
 
 def test_cross_modal_two_process_gloo_equals_single_process_concatenated_batch():
