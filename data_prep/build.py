@@ -53,9 +53,10 @@ def _windows(iterable, size: int):
         yield chunk
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """Add ``data`` as member ``name`` with fixed metadata, so that a rerun writes byte-identical shards."""
     info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, 0o644  # fixed metadata: byte-identical reruns
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
     info.uid = info.gid = 0
     info.uname = info.gname = ""
     tar.addfile(info, io.BytesIO(data))
@@ -69,10 +70,10 @@ def write_shard(path: Path, samples: list[Result]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tar:
         for s in samples:
-            _add(tar, f"{s.key}.{s.ext}", s.image)
-            _add(tar, f"{s.key}.txt", s.captions[0].encode("utf-8"))
+            add_member(tar, f"{s.key}.{s.ext}", s.image)
+            add_member(tar, f"{s.key}.txt", s.captions[0].encode("utf-8"))
             meta = {**s.meta, "captions": s.captions}
-            _add(tar, f"{s.key}.json", json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8"))
+            add_member(tar, f"{s.key}.json", json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8"))
         os.fsync(tar.fileobj.fileno())
     os.replace(tmp, path)
 

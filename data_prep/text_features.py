@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from webdataset.tariterators import base_plus_ext
 
-from .build import _add
+from .build import add_member
 
 MANIFEST = "text_features.json"
 NEGATIVES_PER_CAPTION = 16  # draws per caption (repeats kept); the demo's captions have 4-16 distinct swaps
@@ -192,7 +192,7 @@ def featurize_shard(source: str, dest: Path, featurizer: Featurizer) -> dict:
                     continue
                 tar.addfile(info, io.BytesIO(data) if info.isfile() else None)
             for suffix, data in added.get(key, {}).items():
-                _add(tar, f"{key}.{suffix}", data)  # fixed metadata: byte-identical reruns
+                add_member(tar, f"{key}.{suffix}", data)
         tar.fileobj.flush()
         os.fsync(tar.fileobj.fileno())
     os.replace(tmp, dest)
