@@ -7,7 +7,8 @@ recall, in one run.
    map), and of the read-out alone (``group_and_name``), each against the bare image-encoder forward at the same
    resolution: the demo model at 64 px and ViT-S/16 at 224 px. Rows "@512px" give the same photograph at its own
    512 x 512: the resize and the full-size label map (bilinear class scores, arg-max) are a cost of the output size,
-   not of the model. The demo model is the trained
+   not of the model. Rows "clip ..." (part ``clip``): a CLIP ViT-B-16's read-outs at 224 and 448 px. The demo model
+   is the trained
    one given by ``--demo-model`` (its clusters make the segments a trained model makes), else random-init; ViT-S/16
    is random-init. The number of segments per image (after the Segmenter's cap, ``ReadOut.max_segments``) is
    recorded, since re-encoding costs one view per segment.
@@ -88,6 +89,49 @@ def readout_rows(model, name: str, repeats: int) -> list[dict]:
             total = median_ms(lambda: seg.segment(photo), max(3, repeats // 4))
             rows.append({"model": name, "input": list(x.shape[-2:]), "readout": f"{key} @512px",
                          "segment_ms": total, "segment_ratio": total / forward})
+    return rows
+
+
+CLIP_READOUTS = [("dense", "naclip", None), ("dense", "sclip", None), ("dense", "maskclip", None),
+                 ("dense", "pool", None), ("merge", "masked_attention", 1), ("merge", "reencode_global", None)]
+
+
+def clip_rows(sizes=(224, 448), repeats: int = 5) -> list[dict]:
+    """A CLIP's read-outs (random ViT-B-16 weights: the cost does not depend on them) on the photograph resized to
+    each size, against the bare encoder forward at that size; rows named ``clip <grouping>+<naming>``. The default
+    read-out of ``Segmenter.from_open_clip`` is ``dense+naclip``."""
+    from vilseg.demo import readout_key
+    from vilseg.inference import ReadOut, Segmenter
+    from vilseg.inference.vocabularies import load_vocabulary
+    from vilseg.models import from_open_clip
+
+    torch.manual_seed(0)
+    model = from_open_clip("ViT-B-16").eval()
+    vocabulary = load_vocabulary("voc21")
+    rows = []
+    for size in sizes:
+        image = photograph().resize((size, size))
+        base = Segmenter(model, vocabulary=vocabulary, device="cpu", center=False,
+                         readout=ReadOut("dense", "naclip", threshold=None, max_segments=None, input_size=size))
+        x, _ = base.preprocess(image)
+        with torch.no_grad():
+            forward = median_ms(lambda: model.image_encoder(x), repeats)
+        rows.append({"model": "clip ViT-B-16 (random)", "input": list(x.shape[-2:]), "readout": "bare encoder forward",
+                     "segment_ms": forward, "segment_ratio": 1.0})
+        for grouping, naming, blocks in CLIP_READOUTS:
+            seg = Segmenter(model, vocabulary=base.index, device="cpu", center=False, readout=ReadOut(
+                grouping, naming, threshold=None, max_segments=16 if grouping == "merge" else None, input_size=size,
+                **({"blocks": blocks} if blocks else {})))
+            ids, _ = seg.group_and_name(x)
+            n = repeats if naming != "reencode_global" else 2
+            total = median_ms(lambda: seg.segment(image), n, warmup=1)
+            readout = median_ms(lambda: seg.group_and_name(x), n, warmup=1)
+            key = "clip " + readout_key(grouping, naming, blocks)
+            rows.append({"model": "clip ViT-B-16 (random)", "input": list(x.shape[-2:]), "readout": key,
+                         "segments": int(ids.max()) + 1, "segment_ms": total, "segment_ratio": total / forward,
+                         "group_and_name_ms": readout, "group_and_name_ratio": readout / forward})
+            print(f"ViT-B-16 {size}px {key:<36} {total:8.1f} ms ({total / forward:5.2f}x)  read-out only "
+                  f"{readout / forward:5.2f}x", flush=True)
     return rows
 
 
@@ -241,7 +285,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--sizes", default="1000,5000,10000,21000,100000", help="vocabulary sizes")
     parser.add_argument("--cache", default="runs/bench_cache", help="folder for the names' embeddings (reruns)")
-    parser.add_argument("--parts", default="readouts,vocabulary,folder",
+    parser.add_argument("--parts", default="readouts,clip,vocabulary,folder",
                         help="which parts to run; the others are kept from an existing --out file")
     parser.add_argument("--folder-images", type=int, default=256, help="images of the folder benchmark")
     parser.add_argument("--out", default="benchmarks/results/segment_cpu.json")
@@ -267,6 +311,8 @@ def main() -> None:
         rows = readout_rows(demo.eval(), demo_name, args.repeats)
         rows += readout_rows(vit_s.eval(), "vit-s16 (random)", max(5, args.repeats // 4))
         report.update({"readouts": rows, "readouts_command": command})
+    if "clip" in parts:
+        report.update({"clip_readouts": clip_rows(repeats=max(3, args.repeats // 4)), "clip_command": command})
     if "vocabulary" in parts:
         vocab, info = vocabulary_rows(demo.eval(), [int(s) for s in args.sizes.split(",")], args.repeats * 5,
                                       args.cache)

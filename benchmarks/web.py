@@ -29,6 +29,7 @@ def main() -> None:
 
     from vilseg.data.synthetic import SyntheticWorld
     from vilseg.models import ViLSeg, create_model
+    from vilseg.inference import Segmenter
     from vilseg.web import CONCURRENCY, launch
 
     work = Path(tempfile.mkdtemp(prefix="vilseg-bench-web-"))
@@ -50,7 +51,7 @@ def main() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    app = launch(model, folder, port=port, block=False)
+    app = launch(Segmenter.from_pretrained(folder), folder, port=port, block=False)
     rows = []
     try:
         client = gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False)

@@ -35,7 +35,10 @@ def test_default_is_found_in_a_parent_folder(tmp_path):
 
 @pytest.mark.parametrize("name", ["demo", "demo_xm_only", "demo_no_cluster", "debug", "mmc/pretrain-debug",
                                   "mmc/pretrain-demo", "mmc/vilseg-demo", "mmc/vilseg-debug",
-                                  "mmc/pretrain-vit-s16", "mmc/pretrain-vit-b16", "mmc/vilseg-vit-b16"])
+                                  "mmc/pretrain-vit-s16", "mmc/pretrain-vit-b16", "mmc/vilseg-vit-b16",
+                                  "clip/vilseg-vit-b16", "clip/clipself-vit-b16", "clip/mmc-vit-b16",
+                                  "clip/vilseg-debug", "clip/clipself-debug", "clip/mmc-debug", "clip/vilseg-lab",
+                                  "clip/clipself-lab"])
 def test_repository_configs_resolve_and_build_their_objectives(name):
     from vilseg.objectives import REGISTRY, parse_options
 

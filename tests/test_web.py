@@ -116,7 +116,7 @@ def test_concurrent_requests_each_get_the_answer_they_would_get_alone(tmp_path):
 
     from vilseg import create_model
     from vilseg.data.synthetic import SyntheticWorld
-    from vilseg.inference import ReadOut
+    from vilseg.inference import ReadOut, Segmenter
     from vilseg.web import launch
 
     torch.manual_seed(0)
@@ -128,7 +128,7 @@ def test_concurrent_requests_each_get_the_answer_they_would_get_alone(tmp_path):
     image = tmp_path / "scene.png"
     Image.fromarray(SyntheticWorld("eval", image_size=128, seed=1).scene(3).image).save(image)
     port = _free_port()
-    app = launch(model, folder, port=port, block=False)
+    app = launch(Segmenter.from_pretrained(folder), folder, port=port, block=False)
     try:
         client = gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False)
         vocabularies = ["red circle, blue square", "green triangle|green wedge, yellow cross",

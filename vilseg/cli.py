@@ -20,6 +20,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".g
 SEGMENT_EXAMPLE = """example:
   vilseg segment photos/ street.jpg 'more/*.png' --model runs/demo/train/final --classes "cat,dog,tv" --out out/
   vilseg segment photo.jpg --model runs/demo/train/final --vocab imagenet21k --out out/   # name every segment
+  vilseg segment photo.jpg --open-clip ViT-B-16 --pretrained ViT-B-16.bin --classes "cat,dog" --out out/  # a CLIP
   cat photo.jpg | vilseg segment - --model runs/demo/train/final --vocab voc21 --background sky,wall --out out/
   accelerate launch --num_processes 2 -m vilseg.cli segment photos/ --model ... --classes ... --out out/  # split
 writes out/<stem>.png (label map: 0 background, i+1 class i), out/<stem>.json (segments: label, score, area, box,
@@ -30,8 +31,8 @@ EVAL_EXAMPLE = """example:
   vilseg eval --model runs/demo/train/final --dataset voc21 --root data/VOCdevkit/VOC2012 --protocol A --out voc.json
   vilseg eval --model runs/demo/train/final --dataset synthetic --root data/demo/eval --protocol B --out syn.json
   vilseg eval --predictions other_method/ --dataset ade20k --root data/ade --out ade.json   # any method's PNGs
-  vilseg eval --open-clip ViT-B-16 --pretrained ViT-B-16.pt --dataset context60 --root data/VOC2010 --protocol B \\
-      --out clip.json                                            # the training-free MaskCLIP baseline
+  vilseg eval --open-clip ViT-B-16 --pretrained ViT-B-16.bin --dataset context60 --root data/VOC2010 --protocol B \\
+      --naming sclip --out clip.json                             # a CLIP, training-free (default naming: naclip)
   accelerate launch --multi_gpu --num_processes 8 -m vilseg.cli eval ...   # several GPUs: the images are split
 writes the report (miou, per_class, the resolved protocol) and prints a Markdown table."""
 DATASET_KEYS = ("voc21", "voc20", "context60", "context59", "coco_object", "coco_stuff", "cityscapes", "ade20k",
@@ -98,6 +99,78 @@ def load_model(directory: str):
     except ValueError as exn:  # a corrupt or foreign weights file (the message names it)
         raise UserError(f"cannot load the model in {directory!r}: {str(exn).splitlines()[0][:400]}") from None
     return model
+
+
+def load_open_clip(name: str, pretrained: str | None):
+    """A vilseg model from an open_clip CLIP (its joint space kept), or a UserError of one line naming the tag,
+    file or architecture that is wrong."""
+    from .errors import ConfigError
+    from .models import from_open_clip
+
+    if not pretrained and not name.startswith("local-dir:"):
+        print(f"vilseg: note: --open-clip {name} without --pretrained: random weights, whose names mean nothing",
+              file=sys.stderr)
+    try:
+        return from_open_clip(name, pretrained)
+    except ConfigError as exn:
+        raise UserError(f"--open-clip {name}" + (f" --pretrained {pretrained}" if pretrained else "") + f": {exn}") \
+            from None
+
+
+def model_and_readout(args):
+    """The model and the read-out that ``--model`` or ``--open-clip`` (with ``--pretrained``) name, the read-out
+    overridden by ``--grouping``/``--naming``/``--blocks``; returns (model, readout, center). A CLIP's read-out is
+    training-free (:data:`~vilseg.inference.segmenter.CLIP_READOUT`) and scores raw cosines (no vocabulary
+    centring, as the read-outs' authors score them)."""
+    import copy
+
+    from .inference.segmenter import CLIP_READOUT, default_readout
+    from .inference.strategies import GROUPINGS, NAMINGS
+
+    given = [flag for flag, value in (("--model", args.model), ("--open-clip", args.open_clip)) if value]
+    if len(given) != 1:
+        raise UserError("give one of --model DIR (a vilseg model) and --open-clip NAME (a CLIP, training-free), not "
+                        + (" and ".join(given) if given else "neither"))
+    if args.pretrained and not args.open_clip:
+        raise UserError("--pretrained TAG_OR_FILE goes with --open-clip NAME (a --model folder holds its weights)")
+    for flag, value, known in (("--grouping", args.grouping, GROUPINGS), ("--naming", args.naming, NAMINGS)):
+        if value is not None and value not in known:
+            raise UserError(f"{flag} {value!r}: choose one of {', '.join(sorted(known))}")
+    if args.model:
+        model = load_model(args.model)
+        print_training_notice(args.model)
+        readout, center = default_readout(args.model, model), True
+    else:
+        model = load_open_clip(args.open_clip, args.pretrained)
+        readout, center = copy.deepcopy(CLIP_READOUT), False
+        if args.grouping in ("clusters", "slots"):
+            raise UserError(f"--grouping {args.grouping}: a CLIP has no trained {args.grouping} head; use dense or "
+                            f"merge")
+    if args.grouping:
+        readout.grouping = args.grouping
+    if args.naming:
+        readout.naming = args.naming
+    if args.blocks is not None:
+        readout.blocks = args.blocks
+    if readout.grouping == "merge" and not readout.max_segments:
+        readout.max_segments = 16
+    return model, readout, center
+
+
+def add_model_options(parser, what: str) -> None:
+    """--model, or --open-clip with --pretrained, and the read-out overrides, for segment, eval and web."""
+    parser.add_argument("--model", help=f"a vilseg model folder (save_pretrained; its readout.json is used){what}")
+    parser.add_argument("--open-clip", metavar="NAME",
+                        help="instead of --model: an open_clip CLIP (ViT-B-16; ViT-B-16-quickgelu for OpenAI's "
+                             "weights; local-dir:FOLDER), read out training-free (default: NACLIP per patch)")
+    parser.add_argument("--pretrained", metavar="TAG_OR_FILE",
+                        help="with --open-clip: a pretrained tag (laion2b_s34b_b88k; fetched by open_clip, or read "
+                             "from its cache) or a local weights file (open_clip's state dict); default: random")
+    parser.add_argument("--grouping", help="override the read-out's grouping: clusters, dense, merge, slots")
+    parser.add_argument("--naming", help="override the read-out's naming: pool, masked_attention, reencode_global, "
+                                         "maskclip, sclip, naclip")
+    parser.add_argument("--blocks", type=lambda v: v if v == "all" else int(v),
+                        help="with --naming masked_attention: the last k blocks (an int or 'all')")
 
 
 def print_training_notice(directory: str) -> None:
@@ -285,9 +358,7 @@ def cmd_segment(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {args.out!r} is a file: give a folder")
-    model = load_model(args.model)
-    print_training_notice(args.model)
-    readout = ReadOut.load(args.model)
+    model, readout, center = model_and_readout(args)
     if args.threshold is not None:
         readout.threshold = args.threshold
     if args.background:
@@ -295,7 +366,7 @@ def cmd_segment(args) -> int:
     if (args.vocab or args.index) and args.threshold is None and not args.background:
         readout.threshold = None  # vocabulary-free mode: every segment gets its best name
     state = process_state()  # under `accelerate launch -m vilseg.cli segment ...` the files are split
-    segmenter = Segmenter(model, readout=readout, top_k=args.top_k, batch_size=args.batch_size,
+    segmenter = Segmenter(model, readout=readout, top_k=args.top_k, batch_size=args.batch_size, center=center,
                           device=state.device if state.num_processes > 1 else None)
     if args.index:
         from .inference import VocabularyIndex
@@ -310,7 +381,8 @@ def cmd_segment(args) -> int:
         names = vocabulary if isinstance(vocabulary, dict) else {n: [n] for n in vocabulary}
         for word in readout.background_words:
             names.setdefault(word, [word])
-        segmenter.set_vocabulary(cached_index(model, names, segmenter.templates, progress=None))
+        segmenter.set_vocabulary(cached_index(model, names, segmenter.templates, center=segmenter.center,
+                                              progress=None))
     out.mkdir(parents=True, exist_ok=True)
     stems = output_stems(paths)
     from_stdin = 0
@@ -393,6 +465,8 @@ def cmd_eval(args) -> int:
     sources = [x for x in (args.model, args.predictions, args.open_clip) if x]
     if len(sources) != 1:
         raise UserError("give exactly one of --model DIR, --predictions DIR, --open-clip NAME")
+    if args.predictions and (args.pretrained or args.naming or args.grouping):
+        raise UserError("--predictions scores label maps: --pretrained, --naming and --grouping do not apply")
     if not args.out:
         raise UserError("--out report.json is required")
     dataset = load_dataset(args.dataset, args.root)
@@ -406,18 +480,11 @@ def cmd_eval(args) -> int:
     else:
         protocol = ev.preset(args.protocol, args.dataset)
         protocol = ev.apply_overrides(protocol, (["pamr=true"] if args.pamr else []) + list(args.set or []))
-        if args.model:
-            model = load_model(args.model)
-            segmenter = Segmenter(model, readout=ReadOut.load(args.model))
-            predictor = ev.SegmenterScores(segmenter)
-        else:
-            try:
-                predictor = ev.OpenClipScores(args.open_clip, args.pretrained)
-            except FileNotFoundError as exn:
-                raise UserError(str(exn)) from None
+        model, readout, center = model_and_readout(args)  # the same model and read-out as `vilseg segment`
+        predictor = ev.SegmenterScores(Segmenter(model, readout=readout, center=center))
         report = ev.evaluate(predictor, dataset, protocol, names=args.names, batch=args.batch,
                              on_error=args.on_error, limit=args.limit)
-        report["source"]["folder"] = args.model or args.pretrained
+        report["source"]["folder"] = args.model or f"open_clip {args.open_clip} ({args.pretrained or 'random'})"
     if ev.runner.process_state().is_main_process:
         ev.write_report(report, args.out)
         print(ev.coverage(report))
@@ -505,9 +572,12 @@ def cmd_web(args) -> int:
         raise UserError(f"the web demo needs the `web` extra: pip install 'vilseg[web]' ({exn})") from None
     if not 0 < args.port < 65536:
         raise UserError(f"--port {args.port} is not a port number (1-65535)")
-    model = load_model(args.model)
-    print_training_notice(args.model)
-    launch(model, args.model, host=args.host, port=args.port)
+    from .inference import Segmenter
+
+    model, readout, center = model_and_readout(args)
+    segmenter = Segmenter(model, readout=readout, center=center)
+    source = args.model or f"open_clip {args.open_clip} ({args.pretrained or 'random weights'})"
+    launch(segmenter, source, host=args.host, port=args.port)
     return 0
 
 
@@ -523,7 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("segment", help="segment images with a free vocabulary", epilog=SEGMENT_EXAMPLE,
                        formatter_class=formatter)
     s.add_argument("images", nargs="+", help="image paths, globs, folders, or - (one image on standard input)")
-    s.add_argument("--model", required=True, help="a model folder (save_pretrained; its readout.json is used)")
+    add_model_options(s, "")
     s.add_argument("--classes", help='comma-separated classes; aliases with "|": "tv|television,cat"')
     s.add_argument("--vocab", help="a packaged vocabulary (imagenet21k, voc21, ade20k, ...) or a file")
     s.add_argument("--index", help="a prebuilt `vilseg index build` folder instead of embedding the vocabulary")
@@ -551,10 +621,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="mIoU on a standard benchmark or the synthetic world, protocol A or B",
                        formatter_class=formatter, epilog=EVAL_EXAMPLE)
-    e.add_argument("--model", help="a vilseg model folder (its readout.json is used)")
+    add_model_options(e, "")
     e.add_argument("--predictions", help="score label-map PNGs instead: PRED_DIR/<image id>.png")
-    e.add_argument("--open-clip", help="an open_clip model name (ViT-B-16): the training-free MaskCLIP baseline")
-    e.add_argument("--pretrained", help="with --open-clip: a local weights file (default: random weights)")
     e.add_argument("--dataset", required=True, choices=sorted(DATASET_KEYS))
     e.add_argument("--root", required=True, help="the dataset folder (its standard layout; see the error if not)")
     e.add_argument("--protocol", choices=("A", "B"), default="A", help="A: GroupViT/TCL lineage; B: SCLIP lineage")
@@ -600,7 +668,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("web", help="the web demo (Gradio; the `web` extra)", formatter_class=formatter,
                        epilog="example:\n  vilseg web --model runs/demo/train/final --port 7860")
-    w.add_argument("--model", required=True, help="a model folder (save_pretrained; its readout.json is used)")
+    add_model_options(w, "")
     w.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
     w.add_argument("--port", type=int, default=7860, help="port to serve on")
     return parser

@@ -89,14 +89,15 @@ def group_miou(iou: dict[str, float], names: list[str]) -> float:
 
 
 def calibrate(model_dir: Path, data_dir: Path, grouping: str | None = None, naming: str | None = None,
-              blocks=None) -> tuple[ReadOut, dict]:
+              blocks=None, center: bool = True, **readout_options) -> tuple[ReadOut, dict]:
     """Chooses the read-out and its background threshold on the calibration split (``data_dir/calib``).
 
     Every candidate (``CANDIDATES``, or those matching the grouping, naming and blocks given) is scored on the
     calibration split with a sweep of thresholds, each at its best threshold; the fastest candidate within
     :data:`TOLERANCE` mIoU points of the best wins (:func:`prefer_fastest`). A masked-attention candidate whose k
     reaches as deep as an earlier one's (k = 2 and "all" on a 2-block encoder) is the same read-out and is skipped.
-    Returns it and every candidate's sweep (keys: :func:`readout_key`).
+    Returns it and every candidate's sweep (keys: :func:`readout_key`). ``center`` is the Segmenter's vocabulary
+    centring; ``readout_options`` go to every candidate's :class:`ReadOut` (e.g. ``max_segments``).
     """
     from .inference import Segmenter
     from .models import ViLSeg
@@ -121,21 +122,23 @@ def calibrate(model_dir: Path, data_dir: Path, grouping: str | None = None, nami
     protocol = ev.preset("A", "synthetic")  # the evaluator's path: vilseg eval --dataset synthetic --protocol A
     sweeps, best = {}, {}
     for g, n, k in candidates:
-        readout = ReadOut(g, n, threshold=None, **({"blocks": k} if k is not None else {}))
-        predictor = ev.SegmenterScores(Segmenter(model, readout=readout))
+        readout = ReadOut(g, n, threshold=None, **({"blocks": k} if k is not None else {}), **readout_options)
+        predictor = ev.SegmenterScores(Segmenter(model, readout=readout, center=center))
         threshold, sweep = ev.calibrate_threshold(ev.class_score_maps(predictor, calib, protocol), len(names) + 1)
         sweeps[readout_key(g, n, k)] = sweep
         best[(g, n, k)] = (threshold, 100 * sweep[threshold])
     g, n, k = prefer_fastest({key: v[1] for key, v in best.items()})
     threshold, miou = best[(g, n, k)]
-    readout = ReadOut(g, n, threshold=threshold, **({"blocks": k} if k is not None else {}), calibration={
+    readout = ReadOut(g, n, threshold=threshold, **({"blocks": k} if k is not None else {}), **readout_options,
+                      calibration={
         "split": str(data_dir / "calib"), "miou": miou, "rule": f"fastest within {TOLERANCE} mIoU of the best",
         "candidates": {key: 100 * max(v.values()) for key, v in sweeps.items()}})
     return readout, sweeps
 
 
 def evaluate_model(model_dir: Path, data_dir: Path, out: Path, n_overlays: int, grouping: str | None = None,
-                   naming: str | None = None, save_readout: bool = False, blocks=None) -> dict:
+                   naming: str | None = None, save_readout: bool = False, blocks=None, center: bool = True,
+                   **readout_options) -> dict:
     """Calibrates the read-out (:func:`calibrate`), optionally saves it beside the model, and evaluates it on the
     evaluation split with the canonical and the synonym vocabulary."""
     from .inference import Segmenter
@@ -143,10 +146,10 @@ def evaluate_model(model_dir: Path, data_dir: Path, out: Path, n_overlays: int, 
     split = ev.load_dataset("synthetic", data_dir / "eval")
     meta = json.loads((data_dir / "eval" / "meta.json").read_text())
     names = split.classes[1:]
-    readout, sweeps = calibrate(model_dir, data_dir, grouping, naming, blocks)
+    readout, sweeps = calibrate(model_dir, data_dir, grouping, naming, blocks, center, **readout_options)
     if save_readout:
         readout.save(model_dir)
-    seg = Segmenter.from_pretrained(model_dir, vocabulary=names, readout=readout)
+    seg = Segmenter.from_pretrained(model_dir, vocabulary=names, readout=readout, center=center)
     key = readout_key(readout.grouping, readout.naming, readout.blocks)
     report = {"readout": key, "bg_threshold": readout.threshold, "calibration_sweep": sweeps[key],
               "calibration": readout.calibration}

@@ -33,7 +33,7 @@ from vilseg.training.checkpoint import (TrainState, latest_checkpoint, load_chec
 from vilseg.training.config import flatten, load_config, save_config, validate_training_config
 from vilseg.models import create_model
 from vilseg.objectives import EMATeacher, Learner, build_objectives, ema_momentum
-from vilseg.training.stage import freeze_unused, init_image_encoder
+from vilseg.training.stage import freeze_parts, freeze_unused, init_image_encoder, layer_id
 from vilseg.errors import ConfigError, ConfigFileError
 
 
@@ -62,8 +62,18 @@ def check_config(config: str | None, overrides: list[str]):
 
 def build_model(cfg) -> tuple[nn.Module, dict | None]:
     """The stage's model, its image encoder initialised from ``model.init_from`` if set; returns (model, report)."""
+    from vilseg.training.stage import init_report
+
     model = create_model(cfg.model.name, **dict(cfg.model.overrides or {}))
-    report = init_image_encoder(model, cfg.model.init_from) if cfg.model.init_from else None
+    clip = getattr(model, "init_report", None)  # a model started from a CLIP: both towers came from it
+    report = init_report(model, clip["source"], clip["kind"], clip["loaded"]) if clip else None
+    if cfg.model.init_from:
+        encoder = init_image_encoder(model, cfg.model.init_from)
+        if report is not None:  # the CLIP's, with the image encoder then replaced by another stage's
+            encoder = init_report(model, f"{report['source']}, then {encoder['source']}",
+                                  f"{report['kind']}; image encoder: {encoder['kind']}",
+                                  sorted(set(report["loaded"]) | set(encoder["loaded"])))
+        report = encoder
     return model, report
 
 
@@ -74,7 +84,7 @@ def build_learner(cfg, model) -> tuple[Learner, EMATeacher | None, list[str]]:
 
     objectives, weights = build_objectives(dict(cfg.objectives), model)
     parts = set().union(*(o.model_parts() for o in objectives.values()))
-    frozen = freeze_unused(model, parts)
+    frozen = sorted(set(freeze_unused(model, parts)) | set(freeze_parts(model, list(cfg.model.freeze))))
     needs = frozenset().union(*(o.needs for o in objectives.values()))
     cache = None
     if "captions" in needs and not any(p.requires_grad for p in model.text_encoder.parameters()):
@@ -118,14 +128,29 @@ def check_text_features(cfg, model=None) -> str | None:
 
 def build_optimizer(module: nn.Module, cfg):
     """AdamW over the trainable parameters; no weight decay on biases, norms, tokens, position embeddings, the
-    logit scale and prototypes."""
-    decay, no_decay = [], []
+    logit scale and prototypes. Learning rates: ``optim.image_lr`` for the image encoder and its projection,
+    ``optim.text_lr`` for the text tower, ``optim.lr`` for the rest (heads, objectives), with ``optim.layer_decay``
+    scaling the image encoder's by layer (:func:`~vilseg.training.stage.layer_id`). One parameter group per (rate,
+    decay): the scheduler scales each group's own rate."""
+    o = cfg.optim
+    inner = getattr(module, "model", module)
+    depth = len(inner.image_encoder.vit.blocks) if hasattr(inner, "image_encoder") else 0
+    groups: dict[tuple[float, float], list] = {}
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or "token" in name or "pos_embed" in name else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
+        part = name[len("model."):] if name.startswith("model.") else name
+        lr = o.lr
+        if part.startswith(("image_encoder.", "image_proj.")):
+            lr = o.image_lr or o.lr
+            if o.layer_decay:
+                lr *= o.layer_decay ** (depth + 1 - layer_id(part, depth))
+        elif part.startswith("text_encoder."):
+            lr = o.text_lr or o.lr
+        no_decay = p.ndim < 2 or "token" in name or "pos_embed" in name
+        groups.setdefault((lr, 0.0 if no_decay else o.weight_decay), []).append(p)
+    params = [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in sorted(groups.items())]
+    return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas))
 
 
 def build_scheduler(optimizer, cfg):
@@ -256,6 +281,11 @@ def export(accelerator, model, run_dir: Path, state: TrainState, summary: dict, 
     return final_dir
 
 
+def cfg_init_from(report: dict) -> bool:
+    """Whether an init report is of ``model.init_from`` (another stage's export or a checkpoint), not of a CLIP."""
+    return not report["source"].startswith("open_clip ") or ", then " in report["source"]
+
+
 def log_init(accelerator, run_dir: Path, report: dict | None, frozen: list[str], resuming: bool = False) -> None:
     """Says where the image encoder came from (which tensors loaded, which are new) and what no objective trains;
     writes the full lists to run_dir/init_report.json. A resumed run's weights come from its checkpoint: nothing is
@@ -267,11 +297,12 @@ def log_init(accelerator, run_dir: Path, report: dict | None, frozen: list[str],
     elif report is None:
         accelerator.print("model: every tensor initialised from scratch (model.init_from is null)")
     else:
-        accelerator.print(f"model.init_from {report['source']} ({report['kind']}): loaded {len(report['loaded'])} "
+        origin = "model.init_from" if cfg_init_from(report) else "model"
+        accelerator.print(f"{origin}: {report['source']} ({report['kind']}): loaded {len(report['loaded'])} "
                           f"tensors: {', '.join(report['loaded_summary'])}; new {len(report['new'])} tensors: "
                           f"{', '.join(report['new_summary'])}")
     if frozen:
-        accelerator.print(f"frozen (no objective trains them): {len(frozen)} tensors under "
+        accelerator.print(f"frozen (model.freeze, or no objective trains them): {len(frozen)} tensors under "
                           f"{sorted({n.split('.')[0] for n in frozen})}")
     (run_dir / "init_report.json").write_text(json.dumps({"init": report, "frozen": frozen}, indent=1))
 
@@ -287,6 +318,9 @@ def main(argv: list[str] | None = None) -> Path:
     accelerator = make_accelerator(cfg, run_dir)
     set_seed(cfg.run.seed)
     model, init_report = build_model(cfg)
+    if getattr(model, "joint", "learned") == "clip" and cfg.train.text_subspace:
+        raise ConfigError("train.text_subspace folds the captions' subspace into a learned text projection; a model "
+                          "started from a CLIP keeps CLIP's text space: set train.text_subspace: null")
     learner, teacher, frozen = build_learner(cfg, model)
     text_tower = check_text_features(cfg, model) if learner.text_cache is not None else None  # nothing written yet
     if accelerator.is_main_process:

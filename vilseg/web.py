@@ -35,15 +35,14 @@ def example_images(folder: Path, n: int = 3) -> list[str]:
     return paths
 
 
-def build_app(model, model_dir: str | Path):
-    """The Gradio Blocks app for ``model`` (its saved read-out, if any, is the default)."""
+def build_app(segmenter, source: str | Path):
+    """The Gradio Blocks app for ``segmenter`` (its read-out is the default); ``source`` names the model (a folder, or
+    an open_clip CLIP) on the page."""
     import gradio as gr
 
-    from .inference import ReadOut, Segmenter
     from .inference.vocabularies import list_vocabularies
 
-    readout = ReadOut.load(model_dir)
-    segmenter = Segmenter(model, readout=readout)
+    model, readout = segmenter.model, segmenter.readout
     indexes: dict = {}
 
     def index_for(classes: str, vocabulary: str):
@@ -64,7 +63,7 @@ def build_app(model, model_dir: str | Path):
             names = normalise_vocabulary(names)
             for word in readout.background_words:
                 names.setdefault(word, [word])
-            indexes[key] = cached_index(model, names, segmenter.templates)
+            indexes[key] = cached_index(model, names, segmenter.templates, center=segmenter.center)
         return indexes[key]
 
     def run(image, classes: str, vocabulary: str, threshold: float):
@@ -83,9 +82,9 @@ def build_app(model, model_dir: str | Path):
     with gr.Blocks(title="vilseg", analytics_enabled=False) as app:
         from .inference.segmenter import training_notice
 
-        notice = training_notice(model_dir)
+        notice = training_notice(source) if Path(source).is_dir() else None
         gr.Markdown("# vilseg: open-vocabulary segmentation\nA model trained on image-caption pairs alone names "
-                    f"the segments of any image with your words. Model: `{model_dir}`"
+                    f"the segments of any image with your words. Model: `{source}`"
                     + (f"\n\n**{notice[0].upper() + notice[1:]}**" if notice else ""))
         with gr.Row():
             image = gr.Image(type="pil", label="image", elem_id="input-image")
@@ -106,11 +105,12 @@ def build_app(model, model_dir: str | Path):
     return app
 
 
-def launch(model, model_dir: str | Path, host: str = "127.0.0.1", port: int = 7860, block: bool = True):
-    """Serves the app at http://host:port; returns it (with ``block=False`` the server runs in a thread)."""
+def launch(segmenter, source: str | Path, host: str = "127.0.0.1", port: int = 7860, block: bool = True):
+    """Serves the app for a :class:`~vilseg.inference.Segmenter` at http://host:port; returns it (with
+    ``block=False`` the server runs in a thread)."""
     import gradio as gr
 
-    app = build_app(model, model_dir)
+    app = build_app(segmenter, source)
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],  # system fonts: no download
                               font_mono=["ui-monospace", "monospace"])
     app.launch(server_name=host, server_port=port, share=False, prevent_thread_lock=not block, show_error=True,

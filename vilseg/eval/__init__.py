@@ -7,7 +7,7 @@ from .datasets import DATASETS, Dataset, DatasetError, convert_coco_object, load
 from .geometry import rescale_size, resize_image, sliding_windows
 from .metrics import IGNORE_INDEX, IoUAccumulator, markdown_table
 from .pamr import pamr
-from .predictors import OpenClipScores, SegmenterScores
+from .predictors import SegmenterScores
 from .probes import (EncoderFeatures, TimmFeatures, instance_masks, intra_inter_similarity, linear_probe, object_features,
                      patch_naming_accuracy, probe_synthetic, prompt_patch_segmentation)
 from .protocols import Protocol, apply_overrides, preset
@@ -15,7 +15,7 @@ from .runner import (PredictionsError, calibrate_threshold, chance_accumulator, 
                      score_predictions, score_thresholds, write_overlays, write_report)
 
 __all__ = ["DATASETS", "Dataset", "DatasetError", "EncoderFeatures", "IGNORE_INDEX", "IoUAccumulator",
-           "OpenClipScores", "PredictionsError", "Protocol", "SegmenterScores", "TimmFeatures", "apply_overrides",
+           "PredictionsError", "Protocol", "SegmenterScores", "TimmFeatures", "apply_overrides",
            "calibrate_threshold", "chance_accumulator", "class_score_maps", "convert_coco_object", "coverage",
            "evaluate", "instance_masks", "intra_inter_similarity", "linear_probe", "load_dataset", "load_split",
            "markdown_table", "object_features", "pamr", "patch_naming_accuracy", "preset", "probe_synthetic",

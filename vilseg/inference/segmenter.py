@@ -10,6 +10,7 @@ ViL-Seg's clusters named by their re-encoded global embedding with a 0.3 cosine 
 """
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from .strategies import (GROUPINGS, NAMINGS, BackgroundWordsDecision, MaskedAttentionNaming, NoDecision, SlidingWindow,
-                         ThresholdDecision, bound_segments)
+from .strategies import (DENSE_READOUTS, GROUPINGS, NAMINGS, BackgroundWordsDecision, MaskedAttentionNaming,
+                         NoDecision, SlidingWindow, ThresholdDecision, bound_segments)
 from .vocabulary import DEFAULT_TEMPLATES, VocabularyIndex
 
 READOUT_FILE = "readout.json"
@@ -57,6 +58,26 @@ class ReadOut:
         if unknown:
             raise ValueError(f"{path}: unknown key(s) {unknown}")
         return cls(**data)
+
+
+CLIP_READOUT = ReadOut(grouping="dense", naming="naclip", threshold=None, max_segments=None,
+                       calibration={"rule": "a CLIP's training-free default: every patch named by its NACLIP "
+                                            "embedding; no background threshold (nothing calibrated one)"})
+
+
+def default_readout(directory, model) -> ReadOut:
+    """The read-out saved beside a model (``readout.json``); without one, :data:`CLIP_READOUT` for a model started
+    from a CLIP whose clustering head no stage trained (its ``training.json`` names no ``clu``), else ``ReadOut()``."""
+    if (Path(directory) / READOUT_FILE).is_file():
+        return ReadOut.load(directory)
+    if getattr(model, "joint", "learned") == "clip":
+        try:
+            objectives = json.loads((Path(directory) / "training.json").read_text()).get("objectives", [])
+        except (OSError, ValueError):
+            objectives = []
+        if "clu" not in objectives:
+            return copy.deepcopy(CLIP_READOUT)
+    return ReadOut()
 
 
 def training_notice(directory) -> str | None:
@@ -165,9 +186,11 @@ class Segmenter:
             raise ValueError(f"grouping must be one of {sorted(GROUPINGS)}, got {self.readout.grouping!r}")
         if self.readout.naming not in NAMINGS:
             raise ValueError(f"naming must be one of {sorted(NAMINGS)}, got {self.readout.naming!r}")
-        if self.readout.grouping == "dense" and self.readout.naming != "pool":
-            raise ValueError(f"the dense grouping's segments are single patches: name them with 'pool', not "
-                             f"{self.readout.naming!r}")
+        if self.readout.grouping == "dense" and self.readout.naming not in ("pool", *DENSE_READOUTS):
+            raise ValueError(f"the dense grouping's segments are single patches: name them with 'pool' or a dense "
+                             f"read-out ({', '.join(DENSE_READOUTS)}), not {self.readout.naming!r}")
+        if self.readout.grouping == "merge" and not self.readout.max_segments:
+            raise ValueError("the merge grouping merges patches down to max_segments: set it (e.g. 16)")
         self.grouping = GROUPINGS[self.readout.grouping]()
         naming = NAMINGS[self.readout.naming]
         self.naming = naming(self.readout.blocks) if naming is MaskedAttentionNaming else naming()
@@ -184,11 +207,38 @@ class Segmenter:
 
     @classmethod
     def from_pretrained(cls, directory, **kwargs) -> "Segmenter":
-        """A model written by ``save_pretrained`` with the read-out saved beside it (``readout.json``), if any."""
+        """A model written by ``save_pretrained`` with the read-out saved beside it (``readout.json``), if any; a
+        model fine-tuned from a CLIP without a clustering head and without a saved read-out gets the CLIP default."""
         from ..models import ViLSeg
 
-        kwargs.setdefault("readout", ReadOut.load(directory))
-        return cls(ViLSeg.from_pretrained(directory), **kwargs)
+        model = ViLSeg.from_pretrained(directory)
+        kwargs.setdefault("readout", default_readout(directory, model))
+        return cls(model, **kwargs)
+
+    @classmethod
+    def from_open_clip(cls, name: str, pretrained: str | None = None, vocabulary=None,
+                       readout: ReadOut | None = None, **kwargs) -> "Segmenter":
+        """A training-free segmenter on an open_clip CLIP, its joint space kept (:func:`vilseg.models.from_open_clip`).
+
+        Args:
+            name: an open_clip model name ("ViT-B-16", "ViT-B-16-quickgelu" for OpenAI's weights) or
+                "local-dir:FOLDER" (open_clip's folder format).
+            pretrained: a pretrained tag (open_clip fetches it, or reads its cache) or a local weights file (open_clip's
+                state dict, .bin/.pt read with ``weights_only``, or .safetensors); None: random weights.
+            vocabulary, **kwargs: as for the constructor; ``center`` defaults to False (the read-outs' authors score
+                raw cosines).
+            readout: default :data:`CLIP_READOUT` (every patch named by its NACLIP embedding, no background
+                threshold: nothing calibrates one). A CLIP has no trained clustering head: group by ``dense`` or
+                ``merge``.
+        """
+        from ..models import from_open_clip
+
+        readout = readout or CLIP_READOUT
+        if readout.grouping in ("clusters", "slots"):
+            raise ValueError(f"a CLIP has no trained {readout.grouping} head: group by 'dense' (every patch) or "
+                             f"'merge' (patches merged by similarity), not {readout.grouping!r}")
+        kwargs.setdefault("center", False)
+        return cls(from_open_clip(name, pretrained), vocabulary=vocabulary, readout=readout, **kwargs)
 
     # ------------------------------------------------------------------ vocabulary
     @property

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..models import readouts
+
 
 def connected_components(labels: torch.Tensor) -> torch.Tensor:
     """4-connected components of equal labels on a batch of grids.
@@ -99,7 +101,19 @@ class SlotGrouping:
         return relabel(connected_components(dense["slot_dots"].argmax(1))[0])
 
 
-GROUPINGS = {"clusters": ClusterGrouping, "dense": DenseGrouping, "slots": SlotGrouping}
+class MergedGrouping:
+    """Every patch, then merged by :func:`bound_segments` (the smallest segment into its most similar 4-neighbour, by
+    the patch embeddings the naming reads) down to the read-out's ``max_segments``: a training-free grouping for a
+    model with no trained clustering head (a CLIP), so that per-segment namings (re-encoding, masked attention) have
+    segments to name."""
+
+    name = "merge"
+
+    def __call__(self, dense: dict) -> torch.Tensor:
+        return DenseGrouping()(dense)
+
+
+GROUPINGS = {"clusters": ClusterGrouping, "dense": DenseGrouping, "slots": SlotGrouping, "merge": MergedGrouping}
 
 
 def bound_segments(ids: torch.Tensor, patch_embed: torch.Tensor, min_area: int = 1,
@@ -135,7 +149,7 @@ def bound_segments(ids: torch.Tensor, patch_embed: torch.Tensor, min_area: int =
         adjacent[a.ravel(), b.ravel()] = True
     adjacent |= adjacent.T
     np.fill_diagonal(adjacent, False)
-    emb = patch_embed.flatten(1).t().float().cpu().numpy()  # [N, E]
+    emb = patch_embed.detach().flatten(1).t().float().cpu().numpy()  # [N, E]
     sums = np.zeros((n, emb.shape[1]), dtype=np.float64)
     np.add.at(sums, flat, emb)
     alive = np.ones(n, dtype=bool)
@@ -263,7 +277,80 @@ class ReencodeGlobalNaming:
         return image[0, :, y0 * patch:(y0 + size_y) * patch, x0 * patch:(x0 + size_x) * patch] * pixels
 
 
-NAMINGS = {"pool": PooledNaming, "masked_attention": MaskedAttentionNaming, "reencode_global": ReencodeGlobalNaming}
+class DenseReadoutNaming(PooledNaming):
+    """A training-free dense read-out (:mod:`vilseg.models.readouts`): the encoder's last block is computed another
+    way for the patch tokens, which go through the final norm and the joint projection as the class token does
+    (``ln_post`` and ``proj`` on a CLIP); a segment is named by the mean of its read-out patch embeddings (with the
+    ``dense`` grouping, every patch by its own). One forward: the read-out's block runs beside the usual last block
+    (whose class token gives the image embedding and whose patch tokens the clustering head reads)."""
+
+    name = ""
+
+    def readout(self, block, x, grid, prefix):
+        raise NotImplementedError
+
+    def dense_kwargs(self, model) -> dict:
+        """What the image's forward must also compute: this read-out's patch tokens."""
+        return {"readout": self.readout}
+
+
+class MaskCLIPNaming(DenseReadoutNaming):
+    """MaskCLIP (Zhou et al., ECCV 2022): in the last block every token attends to itself alone,
+
+        y = x + O(W_v LN1(x) + b_v),   out = y + MLP(LN2(y)),   e_i = proj(ln_post(out_i))
+
+    as chongzhou96/MaskCLIP's code computes it (:func:`vilseg.models.readouts.maskclip`)."""
+
+    name = "maskclip"
+
+    def readout(self, block, x, grid, prefix):
+        return readouts.maskclip(block, x, grid, prefix)
+
+
+class SCLIPNaming(DenseReadoutNaming):
+    """SCLIP (Wang et al., ECCV 2024): correlative self-attention in the last block,
+
+        A = softmax(s q q^T) + softmax(s k k^T),   y = x + O(A v),   out = y + MLP(LN2(y)),   e_i = proj(ln_post(out_i))
+
+    as wangf3014/SCLIP's code (:func:`vilseg.models.readouts.sclip`)."""
+
+    name = "sclip"
+
+    def readout(self, block, x, grid, prefix):
+        return readouts.sclip(block, x, grid, prefix)
+
+
+class NACLIPNaming(DenseReadoutNaming):
+    """NACLIP (Hajimiri et al., WACV 2025): key-key attention with a Gaussian neighbourhood prior, in a last block
+    without residual and feed-forward,
+
+        A = softmax(s k k^T + Omega),   Omega_ij = exp(-|p_i - p_j|^2 / (2 std^2)),   out = O(A v),
+        e_i = proj(ln_post(out_i))
+
+    as sinahmr/NACLIP's code with its defaults (``arch='reduced'``, std 5 patches;
+    :func:`vilseg.models.readouts.naclip`). Chosen over ClearCLIP (q-q attention, no residual, no feed-forward),
+    which differs from SCLIP only in the attention's similarity and in dropping the residual: NACLIP adds what both
+    lack, a spatial prior, and its published 8-dataset average (39.4 against SCLIP's 38.2,
+    shared/reference/protocols.md) comes with public code to match it against on identical inputs.
+
+    Args:
+        std: the Gaussian's standard deviation, in patches.
+    """
+
+    name = "naclip"
+
+    def __init__(self, std: float = 5.0):
+        if not std > 0:
+            raise ValueError(f"naclip std must be > 0, got {std!r}")
+        self.std = std
+
+    def readout(self, block, x, grid, prefix):
+        return readouts.naclip(block, x, grid, prefix, std=self.std)
+
+
+DENSE_READOUTS = {c.name: c for c in (MaskCLIPNaming, SCLIPNaming, NACLIPNaming)}
+NAMINGS = {"pool": PooledNaming, "masked_attention": MaskedAttentionNaming, "reencode_global": ReencodeGlobalNaming,
+           **DENSE_READOUTS}
 
 
 # ------------------------------------------------------------------ decision
@@ -342,6 +429,7 @@ class SlidingWindow:
         _, _, height, width = image.shape
         if self.fits(model, image):
             return model.dense_embeddings(image, **kwargs)
+        kwargs = {k: v for k, v in kwargs.items() if k != "keep_block"}  # a dense read-out runs in every window
         window = self.window or model.config.image.img_size
         window = max(patch, window // patch * patch)
         stride = max(patch, (self.stride or window // 2) // patch * patch)
@@ -349,7 +437,7 @@ class SlidingWindow:
         sums: dict[str, torch.Tensor] = {}  # every dense map the model returns, averaged where windows overlap
         count = torch.zeros(1, 1, h, w, device=image.device)
         for y0, y1, x0, x1 in self.windows(height, width, window, stride):
-            dense = model.dense_embeddings(image[..., y0:y1, x0:x1])
+            dense = model.dense_embeddings(image[..., y0:y1, x0:x1], **kwargs)
             region = (..., slice(y0 // patch, y1 // patch), slice(x0 // patch, x1 // patch))
             for key, value in dense.items():
                 if value.dim() == 4:

@@ -37,9 +37,32 @@ class TextEncoderConfig:
 
 
 @dataclass
+class CLIPConfig:
+    """A CLIP to start from: both towers, its projections and its logit scale (vilseg/models/clip.py).
+
+    With ``name`` set, the ``image`` and ``text`` towers, ``embed_dim`` and the logit scale are the CLIP's; the
+    ``image`` and ``text`` sections are derived from it (only ``image.mask_token`` and ``text.freeze`` stay yours).
+    """
+
+    name: str | None = None  # open_clip model name ("ViT-B-16", "ViT-B-16-quickgelu") or "local-dir:FOLDER" (a
+    # folder in open_clip's format: open_clip_config.json + weights); None: no CLIP
+    pretrained: str | None = None  # open_clip pretrained tag ("laion2b_s34b_b88k", "openai": open_clip fetches it, or
+    # reads its cache) or a local file of open_clip's state dict (.bin/.pt/.pth read with weights_only, or
+    # .safetensors); None: random weights (tests) or, with local-dir:, the folder's own weights
+    quick_gelu: bool | None = None  # None: as the pretrained tag was trained (OpenAI's tags use QuickGELU); set it
+    # for a local file of a QuickGELU model, or use a "-quickgelu" model name
+    image_size: int | None = None  # training resolution; None: the CLIP's (position embeddings are resampled by timm)
+    context_length: int | None = None  # tokens per caption; None: the CLIP's own (77). Shorter cuts the positional
+    # table: a causal text tower gives the same features for every caption that fits
+    model_cfg: dict[str, Any] = field(default_factory=dict)  # the resolved open_clip model config: filled when the
+    # model is built, saved with an export, so that the export rebuilds offline from its own config
+
+
+@dataclass
 class ModelConfig:
     image: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    clip: CLIPConfig = field(default_factory=CLIPConfig)  # start from a CLIP (both towers, joint space kept)
     embed_dim: int = 256  # joint image-text width
     n_clusters: int = 32  # C, clusters of the online clustering head
     cluster_hidden: int = 256
@@ -63,6 +86,8 @@ def _build(cls, data: dict[str, Any], where: str):
             value = _build(ImageEncoderConfig, value, f"{where}.image")
         elif f.name == "text":
             value = _build(TextEncoderConfig, value, f"{where}.text")
+        elif f.name == "clip":
+            value = _build(CLIPConfig, value or {}, f"{where}.clip")
         elif f.name in ("mean", "std"):
             value = tuple(float(v) for v in value)
         kwargs[f.name] = value

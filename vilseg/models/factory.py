@@ -46,3 +46,18 @@ def create_model(name: str, pretrained: str | None = None, **overrides: Any) -> 
         loaded = ViLSeg.from_pretrained(pretrained)
         model.load_state_dict(loaded.state_dict())
     return model
+
+
+def from_open_clip(name: str, pretrained: str | None = None, **overrides: Any) -> ViLSeg:
+    """A vilseg model from an open_clip CLIP, both towers and their joint space kept (vilseg/models/clip.py).
+
+    Args:
+        name: an open_clip model name ("ViT-B-16"; "ViT-B-16-quickgelu" for OpenAI's weights) or "local-dir:FOLDER"
+            (open_clip's folder format: open_clip_config.json and its weights).
+        pretrained: a pretrained tag (open_clip fetches it, or reads its cache) or a local file of open_clip's state
+            dict (None: random weights, or a folder's own).
+        **overrides: as for :func:`create_model`: ``n_clusters=16``, ``clip={"image_size": 448}``,
+            ``text={"freeze": False}``, ``image={"mask_token": True}``.
+    """
+    data = deep_update({"clip": {"name": name, "pretrained": pretrained}}, overrides)
+    return build_vilseg(model_config_from_dict(data, f"open_clip model {name!r}"))

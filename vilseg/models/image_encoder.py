@@ -19,12 +19,15 @@ class ImageFeatures:
         grid: (h, w) patch grid of this input.
         hidden: with ``keep_block=j``, the [B, P + N, D] tokens (P prefix tokens, then the patches) entering block j,
             for :meth:`ImageEncoder.encode_segments`; None otherwise.
+        readout_tokens: with ``readout=``, the [B, N, D] patch tokens of that dense read-out of the last block (after
+            the final norm, as ``patch_tokens``); None otherwise.
     """
 
     global_token: torch.Tensor
     patch_tokens: torch.Tensor
     grid: tuple[int, int]
     hidden: torch.Tensor | None = None
+    readout_tokens: torch.Tensor | None = None
 
 
 def tokens_to_map(patch_tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -70,13 +73,16 @@ class ImageEncoder(nn.Module):
         return len(self.vit.blocks)
 
     def forward(self, images: torch.Tensor, patch_mask: torch.Tensor | None = None,
-                keep_block: int | None = None) -> ImageFeatures:
+                keep_block: int | None = None, readout=None) -> ImageFeatures:
         """Encodes normalised images.
 
         Args:
             images: [B, 3, H, W] float, already normalised with ``mean``/``std``; H and W multiples of the patch size.
             patch_mask: optional [B, h, w] or [B, N] bool, True where a patch is replaced by the mask token.
             keep_block: also return the tokens entering this block (0..depth-1) as ``hidden``.
+            readout: a dense read-out of the last block (:mod:`vilseg.models.readouts`: ``fn(block, x, grid,
+                prefix)``), whose patch tokens are returned as ``readout_tokens``; the last block also runs as
+                usual, for the global token and ``patch_tokens``.
 
         Returns:
             ImageFeatures with [B, D] global token and [B, N, D] patch tokens.
@@ -92,21 +98,23 @@ class ImageEncoder(nn.Module):
         x = self.vit._pos_embed(x)  # [B, prefix + N, D]; resamples position embeddings to (h, w)
         x = self.vit.patch_drop(x)
         x = self.vit.norm_pre(x)
-        hidden = None
-        if keep_block is None:
+        hidden = read = None
+        prefix = self.vit.num_prefix_tokens
+        if keep_block is None and readout is None:
             x = self.vit.blocks(x)
         else:
-            if not 0 <= keep_block < self.depth:
+            if keep_block is not None and not 0 <= keep_block < self.depth:
                 raise ValueError(f"keep_block must be in [0, {self.depth - 1}], got {keep_block}")
             for i, block in enumerate(self.vit.blocks):
                 if i == keep_block:
                     hidden = x
+                if readout is not None and i == self.depth - 1:
+                    read = self.vit.norm(readout(block, x, (h, w), prefix))[:, prefix:]  # [B, N, D]
                 x = block(x)
         x = self.vit.norm(x)
-        prefix = self.vit.num_prefix_tokens
         patches = x[:, prefix:]  # [B, N, D]
         global_token = patches.mean(1) if self.pool == "avg" else x[:, 0]
-        return ImageFeatures(global_token, patches, (h, w), hidden)
+        return ImageFeatures(global_token, patches, (h, w), hidden, read)
 
     def encode_segments(self, hidden: torch.Tensor, masks: torch.Tensor, start_block: int) -> torch.Tensor:
         """Global tokens of every segment encoded on its own from block ``start_block`` on, all in one pass.
@@ -195,8 +203,62 @@ def build_image_encoder(cfg) -> ImageEncoder:
         if cfg.pretrained or cfg.checkpoint_path:
             raise ValueError("image.conv_stem replaces the patch projection: it cannot be combined with pretrained weights")
         vit.patch_embed.proj = conv_stem(cfg.patch_size, vit.embed_dim)
-    if cfg.checkpoint_path:
-        timm.models.load_checkpoint(vit, cfg.checkpoint_path, strict=False)
     if not hasattr(vit, "_pos_embed") or not hasattr(vit, "blocks"):
         raise ValueError(f"timm model {cfg.timm_name!r} is not a VisionTransformer")
+    if cfg.checkpoint_path:
+        load_vit_checkpoint(vit, cfg.checkpoint_path, "image.checkpoint_path")
     return ImageEncoder(vit, pool=cfg.pool, use_mask_token=cfg.mask_token, mean=cfg.mean, std=cfg.std)
+
+
+CLASSIFIER_PARTS = ("head.", "fc_norm.", "head_drop.")  # a checkpoint's classifier: no place for it in an encoder
+
+
+def load_vit_checkpoint(vit: nn.Module, path, where: str) -> list[str]:
+    """Loads a timm ViT checkpoint into ``vit`` through timm's own reader and key converter (``load_state_dict``
+    with ``weights_only=True``, or safetensors; ``checkpoint_filter_fn``, which also resamples position
+    embeddings), and checks that every tensor of the ViT came from the file. A classifier head in the file is
+    dropped with a warning that names it. Returns the names of the ViT's tensors that were loaded.
+
+    Raises:
+        ConfigError: ``where`` and the file named, when the file does not exist, is an open_clip CLIP (whose joint
+            space would be lost: start from it with ``clip.name``), or lacks a tensor of the ViT or holds one the ViT
+            has no place for.
+    """
+    import warnings
+    from pathlib import Path
+
+    from timm.models import load_state_dict
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    from ..errors import ConfigError, ConfigFileError
+
+    if not Path(path).is_file():
+        raise ConfigFileError(f"{where}={str(path)!r}: no such file")
+    try:
+        state = load_state_dict(str(path))
+    except Exception as exn:  # torch, safetensors and timm raise their own types for foreign files
+        raise ConfigError(f"{where}={str(path)!r} is not a readable checkpoint: {str(exn).splitlines()[0][:200]}") \
+            from None
+    if "visual.class_embedding" in state or "module.visual.class_embedding" in state:
+        raise ConfigError(f"{where}={str(path)!r} is a CLIP (open_clip/OpenAI) checkpoint: start from it with "
+                          f"model.overrides.clip.name=<its open_clip model, e.g. ViT-B-16> and clip.pretrained="
+                          f"{path}, which keeps its text tower and joint space (configs/clip/)")
+    try:
+        converted = checkpoint_filter_fn(state, vit)
+        missing, unexpected = vit.load_state_dict(converted, strict=False)
+    except RuntimeError as exn:  # a tensor of another shape: another architecture
+        from .hub import mismatch_summary
+
+        raise ConfigError(f"{where}={str(path)!r} does not fit the image encoder: {mismatch_summary(str(exn))}") \
+            from None
+    dropped = [k for k in unexpected if k.startswith(CLASSIFIER_PARTS)]
+    unexpected = [k for k in unexpected if k not in dropped]
+    if missing or unexpected:
+        total = len(vit.state_dict())
+        raise ConfigError(f"{where}={str(path)!r} does not fit the image encoder: {len(missing)} of its {total} "
+                          f"tensors are not in the file (e.g. {missing[:3]}), {len(unexpected)} of the file's have no "
+                          f"place in it (e.g. {unexpected[:3]}); refusing to train a partly random encoder")
+    if dropped:
+        warnings.warn(f"{where}={path}: dropped the file's classifier ({', '.join(dropped[:4])}): the encoder has no "
+                      f"head")
+    return [k for k in vit.state_dict() if k in converted]

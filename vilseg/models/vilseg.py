@@ -33,19 +33,26 @@ class ViLSeg(nn.Module):
         cluster_hidden: hidden width of the clustering head.
         init_logit_scale: initial log of the cross-modal logit scale.
         config: the :class:`ModelConfig` that built this model (saved with the weights).
+        joint: ``"learned"`` (fresh image and text projections into the joint space) or ``"clip"`` (a CLIP's joint
+            space: ``image_proj`` holds CLIP's ``proj`` and the text tower's output is already joint, so
+            ``text_proj`` is the identity; vilseg/models/clip.py).
     """
 
     def __init__(self, image_encoder: ImageEncoder, text_encoder: nn.Module, embed_dim: int, n_clusters: int,
                  cluster_hidden: int, init_logit_scale: float, config: ModelConfig | None = None,
-                 n_prototypes: int = 0, prototype_dim: int = 128, prototype_hidden: int = 512):
+                 n_prototypes: int = 0, prototype_dim: int = 128, prototype_hidden: int = 512, joint: str = "learned"):
         super().__init__()
+        if joint not in ("learned", "clip"):
+            raise ValueError(f"joint must be 'learned' or 'clip', got {joint!r}")
         self.image_encoder = image_encoder
         self.text_encoder = text_encoder
         width = image_encoder.width
         # Linear, so that with avg pooling the global joint embedding is the mean of the patch joint embeddings:
         # the cross-modal contrast then shapes the dense embeddings the segmenter reads.
         self.image_proj = nn.Linear(width, embed_dim)
-        self.text_proj = nn.Linear(text_encoder.width, embed_dim)
+        self.text_proj = nn.Identity() if joint == "clip" else nn.Linear(text_encoder.width, embed_dim)
+        self.joint = joint
+        self.init_report = None  # a CLIP-built model: which tensors came from the CLIP (vilseg/models/clip.py)
         self.cluster_head = ClusterHead(width, cluster_hidden, n_clusters)
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
         self.slot_head = SlotHead(width, prototype_hidden, prototype_dim, n_prototypes) if n_prototypes else None
@@ -57,8 +64,8 @@ class ViLSeg(nn.Module):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        if self.config is not None and self.config.text.freeze:
-            self.text_encoder.eval()  # a frozen tower keeps dropout off
+        if not any(p.requires_grad for p in self.text_encoder.parameters()):
+            self.text_encoder.eval()  # a frozen tower (text.freeze, or model.freeze) keeps dropout off
         return self
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -94,6 +101,11 @@ class ViLSeg(nn.Module):
         """
         if not 0 < variance <= 1:
             raise ValueError(f"variance must be in (0, 1], got {variance!r}")
+        if self.joint == "clip":
+            from ..errors import ConfigError
+
+            raise ConfigError("train.text_subspace folds the captions' subspace into a learned text projection; a "
+                              "model started from a CLIP keeps CLIP's text space (set train.text_subspace: null)")
         texts = [t for t in texts if isinstance(t, str) and t.strip()]
         if len(texts) < 2:
             raise ValueError(f"fold_text_subspace needs at least 2 non-empty captions, got {len(texts)}")
@@ -137,12 +149,15 @@ class ViLSeg(nn.Module):
         tokens = feats.patch_tokens.detach() if detach else feats.patch_tokens
         return tokens_to_map(self.cluster_head(tokens), feats.grid)
 
-    def dense_embeddings(self, images: torch.Tensor, keep_block: int | None = None) -> dict[str, torch.Tensor]:
+    def dense_embeddings(self, images: torch.Tensor, keep_block: int | None = None,
+                         readout=None) -> dict[str, torch.Tensor]:
         """Inference view of one batch of normalised images.
 
         Args:
             images: [B, 3, H, W] normalised.
             keep_block: also return the tokens entering this encoder block (for :meth:`segment_embeddings`).
+            readout: a dense read-out of the last block (:mod:`vilseg.models.readouts`); ``patch_embed`` is then its
+                patch tokens, projected as the image embedding is (the clusters still read the usual tokens).
 
         Returns:
             dict with ``patch_embed`` [B, E, h, w] (L2-normalised joint-space patch embeddings),
@@ -150,9 +165,10 @@ class ViLSeg(nn.Module):
             [B, K, h, w] (every patch's cosine to the K prototypes), and with ``keep_block`` ``hidden`` [B, P + N, D]
             and ``hidden_block`` (an int).
         """
-        feats = self.image_encoder(images, keep_block=keep_block)
+        feats = self.image_encoder(images, keep_block=keep_block, readout=readout)
+        patches = feats.patch_tokens if readout is None else feats.readout_tokens
         out = {
-            "patch_embed": tokens_to_map(self.embed_patches(feats.patch_tokens), feats.grid),
+            "patch_embed": tokens_to_map(self.embed_patches(patches), feats.grid),
             "cluster_probs": self.cluster_logits(feats).softmax(1),
             "image_embed": self.embed_image(feats.global_token),
         }
@@ -186,6 +202,7 @@ class ViLSeg(nn.Module):
         cfg = dataclasses.asdict(self.config)
         cfg["image"]["pretrained"] = False  # weights come from the safetensors file
         cfg["image"]["checkpoint_path"] = None
+        cfg["clip"]["pretrained"] = None  # the CLIP's architecture is in clip.model_cfg
         if cfg["text"]["backend"] == "open_clip":
             cfg["text"]["pretrained"] = None
         else:
@@ -204,7 +221,7 @@ class ViLSeg(nn.Module):
                 raise FileNotFoundError(f"{directory / name} not found: not a vilseg checkpoint directory")
         cfg = model_config_from_dict(json.loads((directory / CONFIG_NAME).read_text()), str(directory / CONFIG_NAME))
         asset_dir = directory / TEXT_ASSETS if cfg.text.backend == "hf" else None
-        model = build_vilseg(cfg, text_asset_dir=asset_dir)
+        model = build_vilseg(cfg, text_asset_dir=asset_dir, weights=False)
         weights = directory / WEIGHTS_NAME
         try:
             state = load_file(str(weights), device=map_location)
@@ -223,8 +240,12 @@ class ViLSeg(nn.Module):
         return model
 
 
-def build_vilseg(cfg: ModelConfig, text_asset_dir=None) -> ViLSeg:
-    """Builds a :class:`ViLSeg` from its config (the only place that reads a ModelConfig)."""
+def build_vilseg(cfg: ModelConfig, text_asset_dir=None, weights: bool = True) -> ViLSeg:
+    """Builds a :class:`ViLSeg` from its config (the only place that reads a ModelConfig). A config with a CLIP
+    (``clip.name``) is built from the CLIP, with its weights unless ``weights`` is False (an export, whose
+    safetensors follow)."""
+    if cfg.clip.name or cfg.clip.model_cfg:
+        return build_from_clip(cfg, weights=weights)
     return ViLSeg(
         image_encoder=build_image_encoder(cfg.image),
         text_encoder=build_text_encoder(cfg.text, asset_dir=text_asset_dir),
@@ -232,3 +253,24 @@ def build_vilseg(cfg: ModelConfig, text_asset_dir=None) -> ViLSeg:
         init_logit_scale=cfg.init_logit_scale, config=cfg, n_prototypes=cfg.n_prototypes,
         prototype_dim=cfg.prototype_dim, prototype_hidden=cfg.prototype_hidden,
     )
+
+
+def build_from_clip(cfg: ModelConfig, weights: bool = True) -> ViLSeg:
+    """A :class:`ViLSeg` whose towers, projections and logit scale are a CLIP's (vilseg/models/clip.py): the image
+    tower timm's CLIP ViT with the CLIP's weights, the text tower the CLIP's own module, ``image_proj`` CLIP's
+    ``proj``, ``text_proj`` the identity. ``model.init_report`` lists the tensors that came from the CLIP."""
+    from .clip import clip_parts, clip_text_tower, init_report, load_clip_weights
+    from .text_encoder import OpenCLIPTextEncoder, OpenCLIPTokenizer
+
+    cfg, source, tokenizer = clip_parts(cfg, weights)
+    context = cfg.text.context_length
+    text_encoder = OpenCLIPTextEncoder(clip_text_tower(source, context), OpenCLIPTokenizer(tokenizer, context),
+                                       width=cfg.embed_dim)
+    if cfg.text.freeze:
+        text_encoder.requires_grad_(False)
+    model = ViLSeg(build_image_encoder(cfg.image), text_encoder, embed_dim=cfg.embed_dim, n_clusters=cfg.n_clusters,
+                   cluster_hidden=cfg.cluster_hidden, init_logit_scale=cfg.init_logit_scale, config=cfg,
+                   n_prototypes=cfg.n_prototypes, prototype_dim=cfg.prototype_dim,
+                   prototype_hidden=cfg.prototype_hidden, joint="clip")
+    model.init_report = init_report(cfg.clip, load_clip_weights(model, source) if weights else [], weights)
+    return model

@@ -149,6 +149,7 @@ class ModelSection(_Section):
     name: str
     overrides: dict[str, Any]
     init_from: str | None
+    freeze: list[str]
 
 
 class TeacherSection(_Section):
@@ -197,6 +198,9 @@ class DataSection(_Section):
 
 class OptimSection(_Section):
     lr: float = Field(gt=0)
+    image_lr: float | None = Field(gt=0)
+    text_lr: float | None = Field(gt=0)
+    layer_decay: float | None = Field(gt=0, le=1)
     weight_decay: float = Field(ge=0)
     betas: tuple[float, float]
     warmup_steps: int = Field(ge=0)

@@ -22,19 +22,6 @@ def _summarise(names: list[str], depth: int = 3) -> list[str]:
     return [f"{k} ({n})" if n > 1 else k for k, n in groups.items()]
 
 
-def load_timm_checkpoint(vit: nn.Module, path: str | Path) -> tuple[list[str], list[str]]:
-    """Loads a timm ViT checkpoint (.safetensors, or .pth/.bin read with ``weights_only=True``: no code runs) through
-    timm's own key filter (position-embedding resampling, ...). Returns (missing, unexpected) ViT keys."""
-    import timm
-    from timm.models.vision_transformer import checkpoint_filter_fn
-
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigFileError(f"timm checkpoint {str(path)!r} does not exist")
-    keys = timm.models.load_checkpoint(vit, str(path), strict=False, filter_fn=checkpoint_filter_fn)
-    return list(keys.missing_keys), list(keys.unexpected_keys)
-
-
 def init_image_encoder(model: nn.Module, source: str | Path) -> dict:
     """Initialises ``model.image_encoder`` from ``source`` and reports which tensors loaded and which are new.
 
@@ -76,15 +63,23 @@ def init_image_encoder(model: nn.Module, source: str | Path) -> dict:
             (source / CONFIG_NAME).read_text())["image"]["timm_name"]
         names = list(loaded)
     elif source.is_file():
-        missing, _ = load_timm_checkpoint(model.image_encoder.vit, source)
-        names = [PREFIX + "vit." + k for k in model.image_encoder.vit.state_dict() if k not in set(missing)]
+        from ..models.image_encoder import load_vit_checkpoint
+
+        names = [PREFIX + "vit." + k for k in load_vit_checkpoint(model.image_encoder.vit, source, "model.init_from")]
         kind = "timm checkpoint"
     else:
         raise ConfigFileError(f"model.init_from={str(source)!r} is neither a vilseg export directory nor a "
                                 f"checkpoint file")
-    loaded_set = set(names)
-    new = [k for k in state if k not in loaded_set]
-    return {"source": str(source), "kind": kind, "loaded": names, "new": new,
+    return init_report(model, str(source), kind, names)
+
+
+def init_report(model: nn.Module, source: str, kind: str, loaded: list[str]) -> dict:
+    """Which of the model's tensors came from ``source`` and which are new (fresh initialisation), with readable
+    summaries of both."""
+    loaded_set = set(loaded)
+    names = [k for k in model.state_dict() if k in loaded_set]
+    new = [k for k in model.state_dict() if k not in loaded_set]
+    return {"source": source, "kind": kind, "loaded": names, "new": new,
             "loaded_summary": _summarise(names), "new_summary": _summarise(new, depth=2)}
 
 
@@ -101,3 +96,40 @@ def freeze_unused(model: nn.Module, parts: set[str]) -> list[str]:
             param.requires_grad_(False)
             frozen.append(name)
     return frozen
+
+
+@torch.no_grad()
+def freeze_parts(model: nn.Module, parts: list[str]) -> list[str]:
+    """Sets ``requires_grad=False`` on every parameter under the named parts (``model.freeze``: top-level names such
+    as ``text_encoder``, or dotted prefixes such as ``image_encoder.vit.patch_embed``); returns the names frozen.
+
+    Raises:
+        ConfigError: a part that names no parameter of the model.
+    """
+    names = [n for n, _ in model.named_parameters()]
+    frozen = []
+    for part in parts:
+        hit = [n for n in names if n == part or n.startswith(part + ".")]
+        if not hit:
+            tops = sorted({n.split(".")[0] for n in names})
+            raise ConfigError(f"model.freeze: {part!r} names no parameter of the model (its parts: {', '.join(tops)}; "
+                              f"or a dotted prefix such as image_encoder.vit.blocks.0)")
+        frozen += hit
+    params = dict(model.named_parameters())
+    for name in frozen:
+        params[name].requires_grad_(False)
+    return sorted(set(frozen))
+
+
+def layer_id(name: str, depth: int) -> int:
+    """The image encoder's layer of a parameter for layer-wise decay: 0 for what comes before the blocks (patch
+    embedding, class token, position embeddings, mask token, ``norm_pre``), i + 1 for block i, depth + 1 after them
+    (the final norm, the projection)."""
+    import re
+
+    found = re.search(r"\.blocks\.(\d+)\.", name)
+    if found:
+        return int(found.group(1)) + 1
+    if any(part in name for part in ("patch_embed", "cls_token", "pos_embed", "reg_token", "mask_token", "norm_pre")):
+        return 0
+    return depth + 1
