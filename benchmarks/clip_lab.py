@@ -4,6 +4,7 @@
     python benchmarks/clip_lab.py readouts --seed 0              # every read-out of it on the evaluation split
     python benchmarks/clip_lab.py finetune --recipe clipself --seed 0   # a fine-tune from it at equal compute
     python benchmarks/clip_lab.py gallery --seed 0               # the same images under each read-out, one PNG
+    python benchmarks/clip_lab.py speed                          # re-time every row's read-out (a quiet machine)
     python benchmarks/clip_lab.py summarize                      # the Markdown table of docs/results/clip.csv
 
 **The lab CLIP** is built and trained by open_clip, not by vilseg, so that it reaches vilseg exactly as a user's
@@ -272,9 +273,10 @@ def export_vilseg(folder: Path, dest: Path) -> Path:
     return dest
 
 
-def readout_speed(model_dir: Path, grouping: str, naming: str, blocks, images: list, repeats: int = 5) -> float:
-    """Median time of the Segmenter's read (forward, grouping, bounding, naming) of a batch over the bare encoder's
-    forward of the same batch, in this process (one thread)."""
+def readout_speed(model_dir: Path, grouping: str, naming: str, blocks, images: list, repeats: int = 7) -> float:
+    """The Segmenter's read (forward, grouping, bounding, naming) of a batch over the bare encoder's forward of the
+    same batch, in this process: each repeat times both back to back, and the median of the per-repeat ratios is
+    returned (robust to the machine's drift)."""
     import statistics
 
     from vilseg.inference import ReadOut, Segmenter
@@ -284,17 +286,45 @@ def readout_speed(model_dir: Path, grouping: str, naming: str, blocks, images: l
     xs = torch.stack([seg.prepare(i)[0] for i in images])
 
     def timed(fn) -> float:
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            with torch.no_grad():
-                fn()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
 
     with torch.no_grad():
         seg.read_batch(xs)  # warm-up
-    return timed(lambda: seg.read_batch(xs)) / timed(lambda: seg.model.image_encoder(xs))
+        ratios = [timed(lambda: seg.read_batch(xs)) / timed(lambda: seg.model.image_encoder(xs))
+                  for _ in range(repeats)]
+    return statistics.median(ratios)
+
+
+def refresh_speeds(path: Path, out: Path, data: Path) -> None:
+    """Measures ``readout_over_forward`` again for every row of clip.csv whose model still exists (run it on a quiet
+    machine: training runs beside it slow both timings unevenly)."""
+    import csv
+
+    from vilseg import eval as ev
+
+    images = [item.image for item in ev.load_dataset("synthetic", data / "eval").items[:32]]
+    with path.open() as f:
+        table = list(csv.DictReader(f))
+    for row in table:
+        recipe, seed = row["recipe"], int(row["seed"])
+        if recipe.startswith("lab_clip"):
+            scale = float(recipe.split("@x")[1]) if "@x" in recipe else 1.0
+            model_dir = clip_dir(out, seed, scale) / "vilseg"
+        else:
+            model_dir = out / recipe / f"seed{seed}" / "final"
+        if not (model_dir / "model.safetensors").is_file():
+            continue
+        grouping, naming, blocks = READOUTS[row["readout"]]
+        row["readout_over_forward"] = f"{readout_speed(model_dir, grouping, naming, blocks, images, 9):.2f}"
+        print(recipe, seed, row["readout"], row["readout_over_forward"], flush=True)
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(table)
+    tmp.replace(path)
 
 
 def measure_readouts(model_dir: Path, data: Path, out: Path, names: list[str]) -> list[dict]:
@@ -408,7 +438,8 @@ def gallery(model_dir: Path, readout_dir: Path, data: Path, out: Path, n: int = 
     for r, item in enumerate(items):
         panels = [("image", np.asarray(Image.open(item.image).convert("RGB"))),
                   ("ground truth", colourise(split.label(item).astype(np.int64)))]
-        panels += [(key.replace("clip_", ""), colourise(seg.segment(item.image).labels)) for key, seg in columns.items()]
+        panels += [(key.replace("clip_", ""), colourise(seg.segment(item.image).labels))
+                   for key, seg in columns.items()]
         for c, (title, panel) in enumerate(panels):
             axes[r, c].imshow(panel, interpolation="nearest")
             axes[r, c].set_xticks([])
@@ -436,7 +467,7 @@ def append_rows(path: Path, rows: list[dict]) -> None:
 
 def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=("train", "readouts", "finetune", "gallery", "summarize"))
+    parser.add_argument("command", choices=("train", "readouts", "finetune", "gallery", "speed", "summarize"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scale", type=float, default=1.0, help="compute in units of 600 demo steps' FLOPs")
     parser.add_argument("--data", type=Path, default=Path("data/demo"))
@@ -466,6 +497,8 @@ def main(argv: list[str] | None = None):
     elif args.command == "gallery":
         clip = clip_dir(args.out, args.seed, args.scale)
         print(gallery(clip / "vilseg", clip / "readouts", args.data, args.results / "clip_gallery.png"))
+    elif args.command == "speed":
+        refresh_speeds(args.results / "clip.csv", args.out, args.data)
     elif args.command == "summarize":
         import sys
 

@@ -124,14 +124,21 @@ def clip_rows(sizes=(224, 448), repeats: int = 5) -> list[dict]:
                 **({"blocks": blocks} if blocks else {})))
             ids, _ = seg.group_and_name(x)
             n = repeats if naming != "reencode_global" else 2
-            total = median_ms(lambda: seg.segment(image), n, warmup=1)
-            readout = median_ms(lambda: seg.group_and_name(x), n, warmup=1)
+            # paired: each repeat times the bare forward, the whole segment call and the read-out alone back to back,
+            # and the medians of the per-repeat ratios are reported (robust to the machine's drift between rows)
+            with torch.no_grad():
+                timings = [(median_ms(lambda: model.image_encoder(x), 1, warmup=0),
+                            median_ms(lambda: seg.segment(image), 1, warmup=0),
+                            median_ms(lambda: seg.group_and_name(x), 1, warmup=0)) for _ in range(n)]
+            f, total, readout = (np.array(t) for t in zip(*timings))
             key = "clip " + readout_key(grouping, naming, blocks)
             rows.append({"model": "clip ViT-B-16 (random)", "input": list(x.shape[-2:]), "readout": key,
-                         "segments": int(ids.max()) + 1, "segment_ms": total, "segment_ratio": total / forward,
-                         "group_and_name_ms": readout, "group_and_name_ratio": readout / forward})
-            print(f"ViT-B-16 {size}px {key:<36} {total:8.1f} ms ({total / forward:5.2f}x)  read-out only "
-                  f"{readout / forward:5.2f}x", flush=True)
+                         "segments": int(ids.max()) + 1, "forward_ms": float(np.median(f)),
+                         "segment_ms": float(np.median(total)), "segment_ratio": float(np.median(total / f)),
+                         "group_and_name_ms": float(np.median(readout)),
+                         "group_and_name_ratio": float(np.median(readout / f)), "repeats": n})
+            print(f"ViT-B-16 {size}px {key:<36} {rows[-1]['segment_ms']:8.1f} ms ({rows[-1]['segment_ratio']:5.2f}x)"
+                  f"  read-out only {rows[-1]['group_and_name_ratio']:5.2f}x", flush=True)
     return rows
 
 
@@ -312,7 +319,7 @@ def main() -> None:
         rows += readout_rows(vit_s.eval(), "vit-s16 (random)", max(5, args.repeats // 4))
         report.update({"readouts": rows, "readouts_command": command})
     if "clip" in parts:
-        report.update({"clip_readouts": clip_rows(repeats=max(3, args.repeats // 4)), "clip_command": command})
+        report.update({"clip_readouts": clip_rows(repeats=max(5, args.repeats // 2)), "clip_command": command})
     if "vocabulary" in parts:
         vocab, info = vocabulary_rows(demo.eval(), [int(s) for s in args.sizes.split(",")], args.repeats * 5,
                                       args.cache)

@@ -335,7 +335,8 @@ def test_init_from_an_unrelated_file_fails_instead_of_loading_nothing(tmp_path):
     with pytest.raises(ConfigError, match="model.init_from=.*are not in the file"):
         init_image_encoder(create_model("vilseg-tiny-minilm"), tmp_path / "other.pt")
     source = create_model("vilseg-tiny-minilm")
-    report = init_image_encoder(create_model("vilseg-tiny-minilm"), _timm_checkpoint(source, tmp_path / "v.safetensors"))
+    checkpoint = _timm_checkpoint(source, tmp_path / "v.safetensors")
+    report = init_image_encoder(create_model("vilseg-tiny-minilm"), checkpoint)
     assert len(report["loaded"]) == len(source.image_encoder.vit.state_dict())
 
 

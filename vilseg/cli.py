@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import hashlib
 import io
 import json
 import os
@@ -155,6 +154,13 @@ def model_and_readout(args):
     if readout.grouping == "merge" and not readout.max_segments:
         readout.max_segments = 16
     return model, readout, center
+
+
+def clip_source(args) -> str:
+    """How a report or page names an --open-clip model."""
+    weights = args.pretrained or ("the folder's weights" if args.open_clip.startswith("local-dir:") else
+                                  "random weights")
+    return f"open_clip {args.open_clip} ({weights})"
 
 
 def add_model_options(parser, what: str) -> None:
@@ -348,7 +354,7 @@ def segment_files(segmenter, paths: list[str], stems: list[str], out: Path, work
 
 def cmd_segment(args) -> int:
     from .eval.runner import process_state
-    from .inference import ReadOut, Segmenter
+    from .inference import Segmenter
     from .inference.segmenter import load_image
 
     check_vocabulary_args(args, "segment")
@@ -456,7 +462,7 @@ def cmd_index(args) -> int:
 
 def cmd_eval(args) -> int:
     from . import eval as ev
-    from .inference import ReadOut, Segmenter
+    from .inference import Segmenter
 
     if args.convert_coco_object:
         n = ev.convert_coco_object(args.root)
@@ -484,7 +490,7 @@ def cmd_eval(args) -> int:
         predictor = ev.SegmenterScores(Segmenter(model, readout=readout, center=center))
         report = ev.evaluate(predictor, dataset, protocol, names=args.names, batch=args.batch,
                              on_error=args.on_error, limit=args.limit)
-        report["source"]["folder"] = args.model or f"open_clip {args.open_clip} ({args.pretrained or 'random'})"
+        report["source"]["folder"] = args.model or clip_source(args)
     if ev.runner.process_state().is_main_process:
         ev.write_report(report, args.out)
         print(ev.coverage(report))
@@ -576,7 +582,7 @@ def cmd_web(args) -> int:
 
     model, readout, center = model_and_readout(args)
     segmenter = Segmenter(model, readout=readout, center=center)
-    source = args.model or f"open_clip {args.open_clip} ({args.pretrained or 'random weights'})"
+    source = args.model or clip_source(args)
     launch(segmenter, source, host=args.host, port=args.port)
     return 0
 

@@ -436,10 +436,6 @@ def log_step(accelerator, progress, state: TrainState, terms: dict, scheduler, l
     progress.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in logs.items() if k.startswith("loss")})
 
 
-def cli() -> None:
-    main()
-
-
 def cli(argv: list[str] | None = None) -> None:
     """The command-line entry (``python -m vilseg.train``, ``accelerate launch vilseg/train.py``, ``vilseg train``): a
     configuration or input error is reported as one line per problem on stderr (by the first process only) with exit

@@ -92,8 +92,9 @@ def build_app(segmenter, source: str | Path):
                 classes = gr.Textbox(label=f"classes ({CLASSES_HINT})", value=EXAMPLE_CLASSES, elem_id="classes")
                 vocabulary = gr.Dropdown([NO_VOCAB, *list_vocabularies()], value=NO_VOCAB,
                                          label="or a vocabulary (names every segment)")
-                threshold = gr.Slider(-0.2, 0.9, value=readout.threshold if readout.threshold is not None else 0.3,
-                                      step=0.01, label="background threshold (cosine)")
+                # a read-out without a threshold (a CLIP's) starts at the slider's floor: no segment is background
+                threshold = gr.Slider(-1.0, 0.9, value=readout.threshold if readout.threshold is not None else -1.0,
+                                      step=0.01, label="background threshold (cosine; -1: none)")
                 button = gr.Button("Segment", variant="primary", elem_id="segment")
         overlay = gr.Image(label="image | segmentation, with legend", elem_id="overlay", type="filepath")
         table = gr.Dataframe(headers=["segment", "label", "score", "area (px)", "box", "best names"],

@@ -6,7 +6,8 @@ Needs the authors' repositories on disk (none of their code is part of vilseg): 
 files are read with ``git show`` and imported from a temporary folder.
 
 - SCLIP: wangf3014/SCLIP, ``clip/model.py``: ``VisionTransformer.forward(x, return_all=True, csa=True)``;
-- NACLIP: sinahmr/NACLIP, ``clip/model.py``: ``set_params('reduced', 'naclip', 5)`` then ``forward(x, return_all=True)``;
+- NACLIP: sinahmr/NACLIP, ``clip/model.py``: ``set_params('reduced', 'naclip', 5)``, then
+  ``forward(x, return_all=True)``;
 - MaskCLIP: chongzhou96/MaskCLIP's ViT is an mmseg backbone (it needs mmcv-full 1.x, not installable here); its
   last-layer value path (``v += x``; ``v = ffn(norm2(v), identity=v)``; ``norm1``; the head's ``proj``) is the one
   CLIPSelf's authors reimplemented as ``forward_without_attn`` in wusize/CLIPSelf ``src/open_clip/transformer.py``

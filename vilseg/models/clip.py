@@ -149,8 +149,9 @@ def derived_configs(clip, image, text, mean, std) -> tuple:
     vision = cfg["vision_cfg"]
     width, size = vision.get("width", 768), vision.get("image_size", 224)
     size = size if isinstance(size, int) else size[0]
+    timm_name = "vit_base_patch16_clip_quickgelu_224" if cfg.get("quick_gelu") else "vit_base_patch16_clip_224"
     image = dataclasses.replace(
-        image, timm_name="vit_base_patch16_clip_quickgelu_224" if cfg.get("quick_gelu") else "vit_base_patch16_clip_224",
+        image, timm_name=timm_name,
         img_size=clip.image_size or size, patch_size=vision["patch_size"], pretrained=False, checkpoint_path=None,
         conv_stem=False, pool="token", mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std),
         timm_kwargs={"embed_dim": width, "depth": vision["layers"], "num_heads": width // vision.get("head_width", 64),
@@ -179,7 +180,8 @@ def create_open_clip(clip, weights: bool = True):
         pretrained = _folder_weights(folder)
     elif weights and clip.pretrained:
         pretrained = clip.pretrained
-        if Path(pretrained).suffix in (".bin", ".pt", ".pth", ".safetensors", ".ckpt") and not Path(pretrained).is_file():
+        looks_like_file = Path(pretrained).suffix in (".bin", ".pt", ".pth", ".safetensors", ".ckpt")
+        if looks_like_file and not Path(pretrained).is_file():
             raise ConfigFileError(f"clip.pretrained={pretrained!r}: no such file")
     is_tag = pretrained is not None and not Path(pretrained).is_file()
     if is_tag:

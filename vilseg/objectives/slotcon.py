@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..errors import ConfigError
 from ..losses import align_to_box, attentive_pool, grouping_loss, overlap_boxes, slot_contrast
