@@ -258,6 +258,7 @@ READOUTS = {  # row name -> (grouping, naming, masked-attention blocks); one for
     "clip_naclip": ("dense", "naclip", None),
     "clip_masked_attention": ("merge", "masked_attention", 1),  # merged segments, each its own class token copy
     "clip_reencode": ("merge", "reencode_global", None),  # merged segments, each re-encoded (the CLS read-out)
+    "clip_merge_maskclip": ("merge", "maskclip", None),  # the same segments, named by pooled MaskCLIP embeddings
 }
 MERGE_SEGMENTS = 8  # the merge grouping's segments per image: scenes hold at most 4 objects and the background
 CSV_COLUMNS = ["recipe", "readout", "seed", "miou_seen", "miou_heldout_combo", "miou_synonym", "calib_miou",
@@ -359,8 +360,14 @@ def measure_readouts(model_dir: Path, data: Path, out: Path, names: list[str]) -
 
 # ------------------------------------------------------------------ fine-tunes from the lab CLIP
 FINETUNES = {"clipself": "configs/clip/clipself-lab.yaml", "vilseg": "configs/clip/vilseg-lab.yaml"}
-FINETUNE_READOUTS = {"clipself": ["clip_pool", "clip_maskclip", "clip_naclip", "clip_reencode"],
-                     "vilseg": ["clip_pool", "clip_maskclip", "clip_naclip", "clip_reencode"]}
+FINETUNE_READOUTS = ["clip_pool", "clip_maskclip", "clip_naclip", "clip_merge_maskclip", "clip_reencode"]
+VARIANTS = {  # recipe name in clip.csv -> (config, extra overrides); chosen on the calibration split, not the eval one
+    "clipself": ("clipself", []),
+    "clipself_m2": ("clipself", ["objectives.clipself.max_split=2"]),  # grids of at most 2 x 2: cells of 32 px hold
+    # about one object of the 64 px scenes (the authors' 6 x 6 on 1024 px images: cells of 170 px)
+    "clipself_m3": ("clipself", ["objectives.clipself.max_split=3"]),
+    "vilseg": ("vilseg", []),
+}
 FINETUNE_BUDGET = 0.5  # each fine-tune spends half the lab CLIP's own training compute (300 demo steps' FLOPs)
 
 
@@ -384,7 +391,8 @@ def finetune_gflop(config: str, overrides: list[str]) -> float:
 
 
 def finetune(recipe: str, seed: int, data: Path, out: Path, threads: int) -> tuple[Path, dict]:
-    """Fine-tunes the lab CLIP of ``seed`` with ``recipe`` at FINETUNE_BUDGET x the demo's compute (resumable)."""
+    """Fine-tunes the lab CLIP of ``seed`` with ``recipe`` (a :data:`VARIANTS` name) at FINETUNE_BUDGET x the demo's
+    compute (resumable)."""
     from vilseg.demo import prepare_data
     from vilseg.train import main as train_main
 
@@ -392,11 +400,13 @@ def finetune(recipe: str, seed: int, data: Path, out: Path, threads: int) -> tup
     pattern = prepare_data(data, 30000, 300, image_size=64)
     clip = clip_dir(out, seed, 1.0) / "open_clip"
     run = out / recipe / f"seed{seed}"
+    config, extra = VARIANTS[recipe]
+    config = FINETUNES[config]
     overrides = [f"model.overrides.clip.name=local-dir:{clip}", f"data.shards={pattern}", f"run.seed={seed}",
-                 f"run.dir={run}"]
+                 f"run.dir={run}", *extra]
     info = run / "budget.json"
     if not info.is_file():
-        gflop = finetune_gflop(FINETUNES[recipe], overrides)
+        gflop = finetune_gflop(config, overrides)
         steps = max(1, round(BUDGET * FINETUNE_BUDGET * DEMO_STEP_GFLOP / gflop))
         run.mkdir(parents=True, exist_ok=True)
         info.write_text(json.dumps({"gflop_per_step": gflop, "steps": steps, "budget_demo_steps":
@@ -405,7 +415,7 @@ def finetune(recipe: str, seed: int, data: Path, out: Path, threads: int) -> tup
     final = run / "final"
     if not (final / "model.safetensors").is_file() or not (run / "train.json").is_file():
         start = time.time()
-        train_main(["--config", FINETUNES[recipe], *overrides, f"train.steps={budget['steps']}", "--resume"])
+        train_main(["--config", config, *overrides, f"train.steps={budget['steps']}", "--resume"])
         (run / "train.json").write_text(json.dumps({**budget, "cpu_minutes_this_session": (time.time() - start) / 60}))
     return final, budget
 
@@ -476,7 +486,7 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=100)
-    parser.add_argument("--recipe", choices=sorted(FINETUNES), help="finetune: the recipe")
+    parser.add_argument("--recipe", choices=sorted(VARIANTS), help="finetune: the recipe")
     parser.add_argument("--readouts", nargs="*", default=list(READOUTS), help="readouts: which (default: all)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -492,7 +502,7 @@ def main(argv: list[str] | None = None):
         if not args.recipe:
             parser.error("finetune needs --recipe")
         final, _ = finetune(args.recipe, args.seed, args.data, args.out, args.threads)
-        rows = measure_readouts(final, args.data, final.parent / "readouts", FINETUNE_READOUTS[args.recipe])
+        rows = measure_readouts(final, args.data, final.parent / "readouts", FINETUNE_READOUTS)
         append_rows(args.results / "clip.csv", [{"recipe": args.recipe, "seed": args.seed, **r} for r in rows])
     elif args.command == "gallery":
         clip = clip_dir(args.out, args.seed, args.scale)
