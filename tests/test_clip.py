@@ -434,3 +434,21 @@ def test_clipself_trains_the_dense_read_out_toward_a_frozen_copy_of_the_initial_
     with torch.no_grad():
         got = objective.teacher_targets(view, cells, torch.zeros(1, dtype=torch.long))
         torch.testing.assert_close(got, reference.encode_image(view, normalize=True), atol=1e-5, rtol=0)
+
+
+def test_the_vit_b16_text_tower_takes_quick_gelu_from_the_openai_tag(monkeypatch):
+    """vilseg-vit-b16's open_clip text tower with pretrained='openai' is built with QuickGELU, as those weights were
+    trained (checked without downloading: the loader is intercepted)."""
+    import vilseg.models.clip as clip_module
+    from vilseg import create_model
+
+    seen = {}
+
+    def intercept(clip, weights=True):
+        seen["quick_gelu"] = clip.model_cfg.get("quick_gelu")
+        raise ConfigError("intercepted")
+
+    monkeypatch.setattr(clip_module, "create_open_clip", intercept)
+    with pytest.raises(ConfigError, match="intercepted"):
+        create_model("vilseg-vit-b16")
+    assert seen["quick_gelu"] is True

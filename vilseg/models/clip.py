@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import tempfile
 from pathlib import Path
 
@@ -190,8 +191,6 @@ def create_open_clip(clip, weights: bool = True):
             raise ConfigError(f"clip.pretrained={pretrained!r} is neither a file nor a pretrained tag of open_clip's "
                               f"{clip.name!r} (its tags: {', '.join(tags) or 'none'})")
         name = clip.name  # open_clip resolves the tag against its own model name
-    import logging
-
     muted = logging.root.manager.disable
     logging.disable(logging.ERROR)  # open_clip logs its failures and random inits; vilseg says them in one line
     try:
