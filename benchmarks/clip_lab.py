@@ -2,7 +2,7 @@
 
     python benchmarks/clip_lab.py train --seed 0                 # the lab CLIP at the demo's compute (--scale 4: 4x)
     python benchmarks/clip_lab.py readouts --seed 0              # every read-out of it on the evaluation split
-    python benchmarks/clip_lab.py finetune --recipe clipself --seed 0   # a fine-tune from it at equal compute
+    python benchmarks/clip_lab.py finetune --recipe clipself_m2 --seed 0   # a fine-tune from it at equal compute
     python benchmarks/clip_lab.py gallery --seed 0               # the same images under each read-out, one PNG
     python benchmarks/clip_lab.py speed                          # re-time every row's read-out (a quiet machine)
     python benchmarks/clip_lab.py summarize                      # the Markdown table of docs/results/clip.csv
@@ -362,10 +362,9 @@ def measure_readouts(model_dir: Path, data: Path, out: Path, names: list[str]) -
 FINETUNES = {"clipself": "configs/clip/clipself-lab.yaml", "vilseg": "configs/clip/vilseg-lab.yaml"}
 FINETUNE_READOUTS = ["clip_pool", "clip_maskclip", "clip_naclip", "clip_merge_maskclip", "clip_reencode"]
 VARIANTS = {  # recipe name in clip.csv -> (config, extra overrides); chosen on the calibration split, not the eval one
-    "clipself": ("clipself", []),
-    "clipself_m2": ("clipself", ["objectives.clipself.max_split=2"]),  # grids of at most 2 x 2: cells of 32 px hold
-    # about one object of the 64 px scenes (the authors' 6 x 6 on 1024 px images: cells of 170 px)
+    "clipself_m2": ("clipself", []),  # the config's grids of at most 2 x 2 (cells of 32 px: about one object)
     "clipself_m3": ("clipself", ["objectives.clipself.max_split=3"]),
+    "clipself_m6": ("clipself", ["objectives.clipself.max_split=6"]),  # the authors' grids: 10 px cells here
     "vilseg": ("vilseg", []),
 }
 FINETUNE_BUDGET = 0.5  # each fine-tune spends half the lab CLIP's own training compute (300 demo steps' FLOPs)
