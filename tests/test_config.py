@@ -38,7 +38,7 @@ def test_default_is_found_in_a_parent_folder(tmp_path):
                                   "mmc/pretrain-vit-s16", "mmc/pretrain-vit-b16", "mmc/vilseg-vit-b16",
                                   "clip/vilseg-vit-b16", "clip/clipself-vit-b16", "clip/mmc-vit-b16",
                                   "clip/vilseg-debug", "clip/clipself-debug", "clip/mmc-debug", "clip/vilseg-lab",
-                                  "clip/clipself-lab"])
+                                  "clip/clipself-lab", "vilseg-base"])
 def test_repository_configs_resolve_and_build_their_objectives(name):
     from vilseg.objectives import REGISTRY, parse_options
 
@@ -47,6 +47,16 @@ def test_repository_configs_resolve_and_build_their_objectives(name):
     for objective, options in cfg.objectives.items():  # every option is known and well typed
         options = {k: v for k, v in options.items() if k != "weight"}
         parse_options(REGISTRY[objective].Options, options, f"objectives.{objective}")
+
+
+def test_the_real_data_config_has_none_of_the_synthetic_worlds_settings():
+    """configs/vilseg-base.yaml, the README's own-data config: no colour/shape word groups, no folded text subspace,
+    its own run.dir (the demo's has all three)."""
+    base, demo = load_config("configs/vilseg-base.yaml"), load_config("configs/demo.yaml")
+    assert demo.data.hard_negative_groups and demo.train.text_subspace and demo.run.dir == "runs/demo/train"
+    assert base.data.hard_negative_groups == [] and base.data.hard_negative_exclude == []
+    assert base.train.text_subspace is None and base.run.dir != demo.run.dir
+    assert base.model.name == "vilseg-vit-s16-minilm"
 
 
 @pytest.mark.parametrize("override,expected", [

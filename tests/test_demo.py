@@ -2,6 +2,7 @@
 import json
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from vilseg import demo
@@ -9,7 +10,7 @@ from vilseg import demo
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_demo_writes_metrics_for_seen_and_held_out_queries_and_overlays(tmp_path):
+def test_demo_writes_metrics_for_seen_and_held_out_queries_and_overlays(tmp_path, capsys):
     report = demo.main(["--config", str(REPO / "configs/debug.yaml"), "--data", str(tmp_path / "data"),
                         "--train-samples", "64", "--eval-samples", "6", "--overlays", "2",
                         "--out", str(tmp_path / "out")])
@@ -29,6 +30,14 @@ def test_demo_writes_metrics_for_seen_and_held_out_queries_and_overlays(tmp_path
     assert (tmp_path / "out" / "train" / "final" / "model.safetensors").is_file()
     table = demo.summarize([tmp_path / "out"])
     assert "| out |" in table
+    # run again into the same --out: refused before anything is touched, the trained model byte for byte the same
+    weights = (tmp_path / "out" / "train" / "final" / "model.safetensors").read_bytes()
+    with pytest.raises(SystemExit) as exit_:
+        demo.main(["--config", str(REPO / "configs/debug.yaml"), "--data", str(tmp_path / "data"),
+                   "--out", str(tmp_path / "out")])
+    assert exit_.value.code == 2
+    assert "already holds a trained run" in capsys.readouterr().err
+    assert (tmp_path / "out" / "train" / "final" / "model.safetensors").read_bytes() == weights
 
 
 def test_calibration_prefers_the_fastest_read_out_within_one_point_of_the_best():

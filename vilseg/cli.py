@@ -1,4 +1,4 @@
-"""The `vilseg` command: segment, index, eval, probe, train, web. `vilseg SUBCOMMAND --help` shows an example.
+"""The `vilseg` command: segment, index, eval, calibrate, probe, train, web. `vilseg SUBCOMMAND --help` shows an example.
 
 Bad input gets one line naming the culprit and a non-zero exit (2: nothing was done; 1: some images failed, the
 others were processed), never a traceback.
@@ -123,7 +123,7 @@ def model_and_readout(args):
     centring, as the read-outs' authors score them)."""
     import copy
 
-    from .inference.segmenter import CLIP_READOUT, default_readout
+    from .inference.segmenter import CLIP_READOUT, READOUT_FILE, default_readout
     from .inference.strategies import GROUPINGS, NAMINGS
 
     given = [flag for flag, value in (("--model", args.model), ("--open-clip", args.open_clip)) if value]
@@ -139,6 +139,12 @@ def model_and_readout(args):
         model = load_model(args.model)
         print_training_notice(args.model)
         readout, center = default_readout(args.model, model), True
+        if not (Path(args.model) / READOUT_FILE).is_file():
+            print(f"vilseg: note: {args.model} has no {READOUT_FILE}: using the default read-out "
+                  f"{readout.grouping}+{readout.naming}"
+                  + (f"@{readout.blocks}" if readout.naming == "masked_attention" else "")
+                  + f", background threshold {readout.threshold} (uncalibrated; `vilseg calibrate --model "
+                  f"{args.model} ...` chooses both on a labelled split)", file=sys.stderr)
     else:
         model = load_open_clip(args.open_clip, args.pretrained)
         readout, center = copy.deepcopy(CLIP_READOUT), False
@@ -413,7 +419,9 @@ def cmd_segment(args) -> int:
         stats = {"images": written, "failed": failed, "seconds": round(seconds, 3),
                  "images_per_s": round(written / seconds, 3) if seconds else None, "batch_size": args.batch_size,
                  "workers": args.workers, "processes": state.num_processes,
-                 "readout": f"{readout.grouping}+{readout.naming}"}
+                 "readout": f"{readout.grouping}+{readout.naming}"
+                 + (f"@{readout.blocks}" if readout.naming == "masked_attention" else ""),
+                 "threshold": readout.threshold}
         (out / "segment_stats.json").write_text(json.dumps(stats, indent=1))
         print(f"wrote {written} of {written + failed} images to {out} ({stats['images_per_s']} images/s)")
     return 1 if failed else 0
@@ -507,6 +515,43 @@ def load_dataset(name: str, root: str):
         fail(str(exn))
 
 
+def cmd_calibrate(args) -> int:
+    """Chooses the model's read-out and background threshold on a labelled split and saves them as readout.json."""
+    from .eval.calibrate import calibrate
+    from .inference.segmenter import READOUT_FILE, ReadOut
+    from .inference.strategies import GROUPINGS, NAMINGS
+
+    for flag, value, known in (("--grouping", args.grouping, GROUPINGS), ("--naming", args.naming, NAMINGS)):
+        if value is not None and value not in known:
+            raise UserError(f"--naming/--grouping {value!r}: choose one of {', '.join(sorted(known))}")
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit {args.limit}: give a positive number of images")
+    model = load_model(args.model)
+    dataset = load_dataset(args.dataset, args.root)
+    if not dataset.background:
+        raise UserError(f"--dataset {args.dataset} has no background class, so there is no background threshold to "
+                        f"choose; calibrate on voc21, context60, coco_object or synthetic")
+    previous = Path(args.model) / READOUT_FILE
+    before = ReadOut.load(args.model) if previous.is_file() else None
+    readout, sweeps = calibrate(model, dataset, args.grouping, args.naming, args.blocks, limit=args.limit,
+                                progress=True)
+    path = readout.save(args.model)
+    from .eval.calibrate import readout_key
+
+    cal = readout.calibration
+    for key, miou in cal["candidates"].items():
+        print(f"  {key:32s} best calibration mIoU {miou:5.1f}")
+    chosen = readout_key(readout.grouping, readout.naming, readout.blocks)
+    print(f"wrote {path}: {chosen}, background threshold {readout.threshold:g} ({cal['miou']:.1f} mIoU on "
+          f"{cal['images']} images of {args.dataset}; {cal['rule']})"
+          + (f"; it replaces {readout_key(before.grouping, before.naming, before.blocks)} at threshold "
+             f"{before.threshold}" if before else ""))
+    if args.out:
+        Path(args.out).write_text(json.dumps({"readout": chosen, "calibration": cal, "sweeps": sweeps}, indent=1))
+        print(f"wrote {args.out}")
+    return 0
+
+
 def cmd_probe(args) -> int:
     from . import eval as ev
 
@@ -545,13 +590,16 @@ def cmd_train(args, rest: list[str]) -> int:
     single-process defaults, so accelerate does not warn about guessing them."""
     from .errors import ConfigError
     from .train import check_config, check_text_features
+    from .training.rundir import check_run_dir
 
     overrides = [a for a in rest if not a.startswith("-")]
     unknown = [a for a in rest if a.startswith("-")]
     if unknown:
         raise UserError(f"unknown option(s) {unknown} for vilseg train (see vilseg train --help)")
     try:
-        check_text_features(check_config(args.config, overrides))  # stored text features: this model's tower's?
+        cfg = check_config(args.config, overrides)
+        check_run_dir(cfg, cfg.run.dir, args.resume, args.overwrite)  # another run's folder: refused here, in one line
+        check_text_features(cfg)  # stored text features: this model's tower's?
     except ConfigError as exn:
         raise UserError(str(exn).replace("\n", "; ")) from None
     from accelerate.commands.config import default_config_file
@@ -564,7 +612,8 @@ def cmd_train(args, rest: list[str]) -> int:
                 launch_args += [option, value]
     script = Path(__file__).resolve().parent / "train.py"
     train_args = (["--config", args.config] if args.config else []) + (
-        ["--resume", *([args.resume] if args.resume != "latest" else [])] if args.resume else [])
+        ["--resume", *([args.resume] if args.resume != "latest" else [])] if args.resume else []) + (
+        ["--overwrite"] if args.overwrite else [])
     # --quiet: a failed run's own traceback is enough; accelerate would add a CalledProcessError after it
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--quiet", *launch_args, str(script), *overrides,
               *train_args]
@@ -646,6 +695,25 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--convert-coco-object", action="store_true",
                    help="write COCO-Object *_instanceTrainIds.png beside COCO-Stuff's labelTrainIds under --root")
 
+    c = sub.add_parser("calibrate", help="choose a model's read-out and background threshold on a labelled split",
+                       formatter_class=formatter,
+                       epilog="example:\n  vilseg calibrate --model runs/mine/final --dataset synthetic --root "
+                              "data/demo/calib\n  vilseg calibrate --model runs/mine/final --dataset voc21 --root "
+                              "data/VOCdevkit/VOC2012 --limit 200\nwrites MODEL/readout.json, which segment, web and "
+                              "eval then use; the fastest read-out within 1 mIoU of the best wins.")
+    c.add_argument("--model", required=True, help="a vilseg model folder (save_pretrained); readout.json goes here")
+    c.add_argument("--dataset", required=True, choices=[k for k in DATASET_KEYS if k in
+                                                        ("voc21", "context60", "coco_object", "synthetic")],
+                   help="a labelled split with a background class (the threshold decides background)")
+    c.add_argument("--root", required=True, help="the dataset folder")
+    c.add_argument("--limit", type=int, help="calibrate on the first N images only (default: all)")
+    c.add_argument("--grouping", help="fix the grouping (default: clusters)")
+    c.add_argument("--naming", help="fix the naming (default: the split chooses among pool, masked_attention@k, "
+                                    "reencode_global)")
+    c.add_argument("--blocks", type=lambda v: v if v == "all" else int(v),
+                   help="with --naming masked_attention: fix k (an int or 'all')")
+    c.add_argument("--out", help="also write every candidate's threshold sweep to this JSON file")
+
     p = sub.add_parser("probe", help="MMC's probes of an encoder's patch features", formatter_class=formatter,
                        epilog="example:\n  vilseg probe --model runs/demo/train/final --dataset synthetic --root "
                               "data/demo/eval --out runs/probe\n  vilseg probe --timm vit_small_patch16_224 "
@@ -670,6 +738,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="experiment YAML, layered on configs/default.yaml")
     t.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="continue from run.dir's latest checkpoint, or from the given checkpoint folder")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in run.dir (config, checkpoints, export); without it, or --resume, "
+                        "a used run.dir is refused")
     t.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.steps=100")
 
     w = sub.add_parser("web", help="the web demo (Gradio; the `web` extra)", formatter_class=formatter,
@@ -703,7 +774,8 @@ def main(argv: list[str] | None = None) -> int:
         except UserError as exn:
             fail(str(exn))
     args = parser.parse_args(argv)
-    handlers = {"segment": cmd_segment, "index": cmd_index, "eval": cmd_eval, "probe": cmd_probe, "web": cmd_web}
+    handlers = {"segment": cmd_segment, "index": cmd_index, "eval": cmd_eval, "probe": cmd_probe, "web": cmd_web,
+                "calibrate": cmd_calibrate}
     try:
         code = handlers[args.command](args)
     except UserError as exn:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -31,40 +32,9 @@ import numpy as np
 import torch
 
 from . import eval as ev
+from .eval.calibrate import CANDIDATES, TOLERANCE, parse_readout, prefer_fastest, readout_key  # noqa: F401
 from .inference.segmenter import ReadOut
 from .inference.strategies import GROUPINGS, NAMINGS
-
-# the read-outs the demo chooses from, fastest first (benchmarks/results/segment_cpu.json: pooled naming costs
-# ~1.1-1.9x the encoder forward, masked attention over the last k blocks ~1 + k/depth, re-encoding ~20-37x)
-CANDIDATES = (("clusters", "pool", None), ("clusters", "masked_attention", 1), ("clusters", "masked_attention", 2),
-              ("clusters", "masked_attention", "all"), ("clusters", "reencode_global", None))
-TOLERANCE = 1.0  # mIoU points: the fastest read-out within this much of the best one is chosen
-
-
-def readout_key(grouping: str, naming: str, blocks=None) -> str:
-    """A read-out's name in reports: ``clusters+pool``, ``clusters+masked_attention@2``."""
-    return f"{grouping}+{naming}" + (f"@{blocks}" if naming == "masked_attention" else "")
-
-
-def parse_readout(key: str) -> tuple[str, str, int | str | None]:
-    """The inverse of :func:`readout_key`."""
-    pair, _, blocks = key.partition("@")
-    grouping, _, naming = pair.partition("+")
-    if grouping not in GROUPINGS or naming not in NAMINGS:
-        raise ValueError(f"read-out {key!r}: expected <grouping>+<naming>[@k] with a grouping of {sorted(GROUPINGS)} "
-                         f"and a naming of {sorted(NAMINGS)}")
-    if naming == "masked_attention":
-        blocks = "all" if blocks in ("", "all") else int(blocks)
-        return grouping, naming, blocks
-    return grouping, naming, None
-
-
-def prefer_fastest(scores: dict, tolerance: float = TOLERANCE):
-    """The first (fastest) read-out of ``scores`` (ordered fastest first) whose calibration mIoU is within
-    ``tolerance`` points of the best one's."""
-    best = max(scores.values())
-    return next(k for k, v in scores.items() if v >= best - tolerance)
-
 
 def prepare_data(data_dir: Path, n_train: int, n_eval: int, image_size: int) -> str:
     from data_prep import synthetic
@@ -90,50 +60,15 @@ def group_miou(iou: dict[str, float], names: list[str]) -> float:
 
 def calibrate(model_dir: Path, data_dir: Path, grouping: str | None = None, naming: str | None = None,
               blocks=None, center: bool = True, **readout_options) -> tuple[ReadOut, dict]:
-    """Chooses the read-out and its background threshold on the calibration split (``data_dir/calib``).
-
-    Every candidate (``CANDIDATES``, or those matching the grouping, naming and blocks given) is scored on the
-    calibration split with a sweep of thresholds, each at its best threshold; the fastest candidate within
-    :data:`TOLERANCE` mIoU points of the best wins (:func:`prefer_fastest`). A masked-attention candidate whose k
-    reaches as deep as an earlier one's (k = 2 and "all" on a 2-block encoder) is the same read-out and is skipped.
-    Returns it and every candidate's sweep (keys: :func:`readout_key`). ``center`` is the Segmenter's vocabulary
-    centring; ``readout_options`` go to every candidate's :class:`ReadOut` (e.g. ``max_segments``).
-    """
-    from .inference import Segmenter
+    """The read-out and background threshold of the model in ``model_dir``, chosen on the demo's calibration split
+    (``data_dir/calib``, drawn from the training world) by :func:`vilseg.eval.calibrate.calibrate`, the code behind
+    ``vilseg calibrate``."""
+    from .eval.calibrate import calibrate as calibrate_readout
     from .models import ViLSeg
 
-    calib = ev.load_dataset("synthetic", data_dir / "calib")
-    names = calib.classes[1:]
     model = ViLSeg.from_pretrained(model_dir)
-    depth = model.image_encoder.depth
-    candidates, starts = [], set()
-    for g, n, k in CANDIDATES:
-        if grouping not in (None, g) or naming not in (None, n) or (blocks is not None and k != blocks):
-            continue
-        if n == "masked_attention":
-            start = 0 if k == "all" else max(0, depth - k)
-            if start in starts:
-                continue
-            starts.add(start)
-        candidates.append((g, n, k))
-    if not candidates:  # an explicit read-out outside the candidates
-        n = naming or "pool"
-        candidates = [(grouping or "clusters", n, (blocks or 1) if n == "masked_attention" else None)]
-    protocol = ev.preset("A", "synthetic")  # the evaluator's path: vilseg eval --dataset synthetic --protocol A
-    sweeps, best = {}, {}
-    for g, n, k in candidates:
-        readout = ReadOut(g, n, threshold=None, **({"blocks": k} if k is not None else {}), **readout_options)
-        predictor = ev.SegmenterScores(Segmenter(model, readout=readout, center=center))
-        threshold, sweep = ev.calibrate_threshold(ev.class_score_maps(predictor, calib, protocol), len(names) + 1)
-        sweeps[readout_key(g, n, k)] = sweep
-        best[(g, n, k)] = (threshold, 100 * sweep[threshold])
-    g, n, k = prefer_fastest({key: v[1] for key, v in best.items()})
-    threshold, miou = best[(g, n, k)]
-    readout = ReadOut(g, n, threshold=threshold, **({"blocks": k} if k is not None else {}), **readout_options,
-                      calibration={
-        "split": str(data_dir / "calib"), "miou": miou, "rule": f"fastest within {TOLERANCE} mIoU of the best",
-        "candidates": {key: 100 * max(v.values()) for key, v in sweeps.items()}})
-    return readout, sweeps
+    return calibrate_readout(model, ev.load_dataset("synthetic", data_dir / "calib"), grouping, naming, blocks,
+                             center, **readout_options)
 
 
 def evaluate_model(model_dir: Path, data_dir: Path, out: Path, n_overlays: int, grouping: str | None = None,
@@ -252,8 +187,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--blocks", default=None, type=lambda v: v if v == "all" else int(v),
                         help="with --naming masked_attention: fix k (an int or 'all'); default: calibrated")
     parser.add_argument("--skip-train", action="store_true", help="reuse OUT/train/final")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="train anew into OUT/train although an earlier demo's run is there (default: refused)")
     parser.add_argument("overrides", nargs="*", help="key=value training-config overrides")
     args = parser.parse_args(argv)
+    if not (args.skip_train or args.chance or args.overwrite):
+        from .training.rundir import run_files
+
+        held = run_files(args.out / "train")
+        if held:  # before the data are prepared: the earlier run is not touched
+            print(f"vilseg demo: {args.out / 'train'} already holds a trained run ({', '.join(held)}): "
+                  f"--skip-train re-evaluates it, --overwrite trains anew, --out NEW_FOLDER trains elsewhere",
+                  file=sys.stderr)
+            raise SystemExit(2)
     if args.grouping == "dense":  # re-encoding names segments; a dense read-out's segments are single patches
         args.naming = "pool"
     start = time.time()
@@ -267,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
             from .train import main as train_main
 
             train_main(["--config", args.config, f"run.dir={args.out / 'train'}", f"data.shards={pattern}",
-                        *args.overrides])
+                        *args.overrides, *(["--overwrite"] if args.overwrite else [])])
         report = evaluate_model(model_dir, args.data, args.out, args.overlays, args.grouping, args.naming,
                                 save_readout=True, blocks=args.blocks)
     report["config"] = args.config

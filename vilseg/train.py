@@ -31,6 +31,7 @@ from torch import nn
 from vilseg.training.checkpoint import (TrainState, latest_checkpoint, load_checkpoint, replace_folder, save_checkpoint,
                                write_text_atomic)
 from vilseg.training.config import flatten, load_config, save_config, validate_training_config
+from vilseg.training.rundir import check_run_dir, clear_run
 from vilseg.models import create_model
 from vilseg.objectives import EMATeacher, Learner, build_objectives, ema_momentum
 from vilseg.training.stage import freeze_parts, freeze_unused, init_image_encoder, layer_id
@@ -42,6 +43,9 @@ def parse_args(argv):
     parser.add_argument("--config", default=None, help="experiment YAML (delta over configs/default.yaml)")
     parser.add_argument("--resume", nargs="?", const="latest", default=None,
                         help="continue from run.dir's latest checkpoint, or from the given checkpoint directory")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the run already in run.dir (its config, checkpoints and export) instead of "
+                             "refusing to start")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100")
     return parser.parse_args(argv)
 
@@ -315,7 +319,13 @@ def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     cfg = check_config(args.config, args.overrides)
     run_dir = Path(cfg.run.dir)
+    check_run_dir(cfg, run_dir, args.resume, args.overwrite)  # before anything is written
     accelerator = make_accelerator(cfg, run_dir)
+    if args.overwrite and accelerator.is_main_process:
+        removed = clear_run(run_dir)
+        if removed:
+            accelerator.print(f"--overwrite: removed {', '.join(removed)} from {run_dir}")
+    accelerator.wait_for_everyone()
     set_seed(cfg.run.seed)
     model, init_report = build_model(cfg)
     if getattr(model, "joint", "learned") == "clip" and cfg.train.text_subspace:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -45,7 +46,9 @@ class ReadOut:
 
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / READOUT_FILE
-        path.write_text(json.dumps(asdict(self), indent=1))
+        tmp = path.with_name(f".{READOUT_FILE}.tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=1))
+        os.replace(tmp, path)  # an interrupted save leaves the earlier read-out whole
         return path
 
     @classmethod
