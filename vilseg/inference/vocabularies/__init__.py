@@ -61,7 +61,8 @@ def parse_classes(items, source: str) -> dict[str, list[str]]:
 def load_vocabulary(name: str) -> dict[str, list[str]]:
     """A packaged vocabulary by name (see :func:`list_vocabularies`), or a path to a JSON mapping name -> aliases
     (or a JSON list of names), or a text file with one class per line, its names separated by ``|`` as in
-    ``--classes`` (``tv|television|monitor``). Blank lines and lines starting with ``#`` are skipped.
+    ``--classes`` (``tv|television|monitor``). ``#`` starts a comment, on its own line or after a class
+    (``cat  # pet``); blank lines are skipped.
 
     Raises:
         KeyError: an unknown name that is not a file either, naming what exists.
@@ -76,7 +77,7 @@ def load_vocabulary(name: str) -> dict[str, list[str]]:
         if path.suffix == ".json":
             data = json.loads(path.read_text())
             return data if isinstance(data, dict) else {str(n): [str(n)] for n in data}
-        lines = [line for line in path.read_text().splitlines() if line.strip() and not line.lstrip().startswith("#")]
-        return parse_classes(lines, str(path))
+        lines = [line.split("#", 1)[0] for line in path.read_text().splitlines()]  # '#' starts a comment anywhere
+        return parse_classes([line for line in lines if line.strip()], str(path))
     raise KeyError(f"no vocabulary {name!r}: give a file (JSON or one class per line) or one of "
                    f"{list_vocabularies()}")
