@@ -98,6 +98,9 @@ def test_a_corrupt_image_is_named_and_the_others_are_still_segmented(model_dir, 
     assert code == 1
     assert "skipped" in err and "broken.jpg" in err and "Traceback" not in err
     assert (tmp_path / "out" / "astronaut.png").is_file() and "wrote 1 of 2 images" in out
+    stats = json.loads((tmp_path / "out" / "segment_stats.json").read_text())
+    assert stats["failed"] == 1 and [f["file"] for f in stats["failed_files"]] == [str(bad)]
+    assert stats["failed_files"][0]["error"]  # the reason, as the skipped line gives it
 
 
 @pytest.mark.parametrize("case", ["missing_model", "corrupt_weights", "foreign_weights", "empty_classes",
@@ -328,3 +331,10 @@ def test_a_model_of_the_synthetic_world_says_so_once_and_overlays_of_large_photo
     assert Image.open(tmp_path / "o" / "big.png").size == (2400, 900)
     width, height = Image.open(tmp_path / "o" / "big_overlay.png").size
     assert width == 2 * MAX_SIDE and height < 600
+
+
+def test_a_mistyped_option_prints_the_subcommands_usage():
+    proc = subprocess.run([sys.executable, "-m", "vilseg.cli", "segment", "x.png", "--out", "o", "--modle"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("usage: vilseg segment")
+    assert "vilseg segment: error: unrecognized arguments: --modle" in proc.stderr

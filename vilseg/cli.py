@@ -303,11 +303,11 @@ def _as_is(sample):
 
 
 def segment_files(segmenter, paths: list[str], stems: list[str], out: Path, workers: int, progress: bool = True
-                  ) -> tuple[int, int, float]:
+                  ) -> tuple[int, list[dict], float]:
     """Segments ``paths`` into ``out``: decoding in ``workers`` DataLoader processes, the images of one input size
     batched through the encoder (``segmenter.batch_size``), the outputs written by two threads while the next batch
-    is encoded. Returns (images written, images failed, seconds from the first decoded image to the last file
-    written)."""
+    is encoded. Returns (images written, the failed images as {"file", "error"}, seconds from the first decoded
+    image to the last file written)."""
     import time
     from concurrent.futures import ThreadPoolExecutor
 
@@ -320,7 +320,7 @@ def segment_files(segmenter, paths: list[str], stems: list[str], out: Path, work
                        encoder.std.flatten().tolist())
     loader = DataLoader(files, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_as_is,
                         prefetch_factor=2 * segmenter.batch_size if workers else None)
-    failed, written, pending = 0, 0, []
+    failed, written, pending = [], 0, []
     buckets: dict[tuple, list] = {}
     start = None  # the clock starts at the first decoded image: worker start-up is a fixed cost, not throughput
     bar = tqdm(total=len(paths), desc="segment", unit="image",  # disable=None: a bar only on a terminal
@@ -342,7 +342,7 @@ def segment_files(segmenter, paths: list[str], stems: list[str], out: Path, work
         for i, array, x, size, error in loader:
             start = start or time.perf_counter()
             if error is not None:
-                failed += 1
+                failed.append({"file": paths[i], "error": str(error)})
                 bar.update(1)
                 tqdm.write(f"vilseg: skipped {paths[i]}: {error}", file=sys.stderr)
                 continue
@@ -410,20 +410,22 @@ def cmd_segment(args) -> int:
     if state.num_processes > 1:  # totals over the processes; the slowest process sets the time
         import torch
 
-        totals = torch.tensor([written, failed, seconds], dtype=torch.float64)
-        counts, slowest = totals[:2].clone(), totals[2:].clone()
+        totals = torch.tensor([written, seconds], dtype=torch.float64)
+        counts, slowest = totals[:1].clone(), totals[1:].clone()
         torch.distributed.all_reduce(counts)
         torch.distributed.all_reduce(slowest, op=torch.distributed.ReduceOp.MAX)
-        written, failed, seconds = int(counts[0]), int(counts[1]), float(slowest[0])
+        gathered = [None] * state.num_processes
+        torch.distributed.all_gather_object(gathered, failed)
+        written, failed, seconds = int(counts[0]), [f for part in gathered for f in part], float(slowest[0])
     if state.is_main_process:
-        stats = {"images": written, "failed": failed, "seconds": round(seconds, 3),
+        stats = {"images": written, "failed": len(failed), "failed_files": failed, "seconds": round(seconds, 3),
                  "images_per_s": round(written / seconds, 3) if seconds else None, "batch_size": args.batch_size,
                  "workers": args.workers, "processes": state.num_processes,
                  "readout": f"{readout.grouping}+{readout.naming}"
                  + (f"@{readout.blocks}" if readout.naming == "masked_attention" else ""),
                  "threshold": readout.threshold}
         (out / "segment_stats.json").write_text(json.dumps(stats, indent=1))
-        print(f"wrote {written} of {written + failed} images to {out} ({stats['images_per_s']} images/s)")
+        print(f"wrote {written} of {written + len(failed)} images to {out} ({stats['images_per_s']} images/s)")
     return 1 if failed else 0
 
 
@@ -748,6 +750,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(w, "")
     w.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
     w.add_argument("--port", type=int, default=7860, help="port to serve on")
+    parser.subcommands = sub.choices  # name -> subparser: a subcommand's own usage on its errors
     return parser
 
 
@@ -773,7 +776,9 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_train(args, [*args.overrides, *rest])
         except UserError as exn:
             fail(str(exn))
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # a mistyped option: the subcommand's usage, not the top level's
+        parser.subcommands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     handlers = {"segment": cmd_segment, "index": cmd_index, "eval": cmd_eval, "probe": cmd_probe, "web": cmd_web,
                 "calibrate": cmd_calibrate}
     try:
