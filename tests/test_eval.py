@@ -369,6 +369,10 @@ def test_probes_run_on_voc_instances_with_a_bare_timm_encoder_and_on_synthetic_w
                 "--size", "32", "--out", str(out)]) == 0
     report = json.loads((out / "probes.json").read_text())
     assert report["prompt_patch"]["objects"] == 6 and (out / "intra_inter.png").is_file()
+    assert cli(["probe", "--timm", "vit_tiny_patch16_224", "--dataset", "voc21", "--root", str(root),
+                "--size", "32", "--limit", "1", "--out", str(out)]) == 0  # the first image only: its 3 objects
+    report = json.loads((out / "probes.json").read_text())
+    assert report["prompt_patch"]["objects"] == 3 and report["dataset"]["images"] == 1
     from data_prep import synthetic
 
     synthetic.write_eval_split(tmp_path / "syn", n=4, image_size=32, seed=2)

@@ -559,13 +559,19 @@ def cmd_probe(args) -> int:
 
     if bool(args.model) == bool(args.timm):
         raise UserError("give exactly one of --model DIR (a vilseg model) or --timm NAME (a bare timm encoder)")
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit {args.limit}: give a positive number of images")
     dataset = load_dataset(args.dataset, args.root)
+    if args.limit is not None:
+        import dataclasses
+
+        dataset = dataclasses.replace(dataset, items=dataset.items[:args.limit])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.model and args.dataset == "synthetic":  # + the linear probes of colour and shape
         from .eval.probes import probe_synthetic
 
-        report = probe_synthetic(load_model(args.model), dataset.root, out / "intra_inter.png")
+        report = probe_synthetic(load_model(args.model), dataset.root, out / "intra_inter.png", limit=args.limit)
     else:
         if args.model:
             features = ev.EncoderFeatures(load_model(args.model), size=args.size)
@@ -725,6 +731,7 @@ def build_parser() -> argparse.ArgumentParser:
                               " where present, elsewhere from each class's connected components.")
     p.add_argument("--model", help="a vilseg model folder")
     p.add_argument("--timm", help="a bare timm encoder by name")
+    p.add_argument("--limit", type=int, help="probe the first N images only (default: all)")
     p.add_argument("--checkpoint", help="with --timm: a local weights file (default: random weights)")
     p.add_argument("--dataset", default="synthetic", choices=sorted(DATASET_KEYS))
     p.add_argument("--root", required=True, help="the dataset folder")

@@ -13,6 +13,8 @@ Objects are the connected components of each class label of the masks (:func:`in
 """
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 
 import numpy as np
@@ -118,13 +120,15 @@ class TimmFeatures:
         return F.normalize(tokens[0], dim=-1).t().reshape(-1, h, w).cpu()
 
 
-def _samples(data):
-    """(PIL image, [H, W] labels, [H, W] instance ids or None) of every image of a :class:`~vilseg.eval.Dataset` (its label handling applied) or
-    of a list of (key, image path, mask path)."""
+def _samples(data, desc: str = "probe"):
+    """(PIL image, [H, W] labels, [H, W] instance ids or None) of every image of a :class:`~vilseg.eval.Dataset` (its
+    label handling applied) or of a list of (key, image path, mask path); a progress bar on a terminal."""
+    from tqdm.auto import tqdm
+
     from .datasets import Dataset
 
     if isinstance(data, Dataset):
-        for item in data.items:
+        for item in tqdm(data.items, desc=desc, unit="image", mininterval=2, leave=False, disable=None):
             yield Image.fromarray(data.image(item)), data.label(item), data.instances(item)
         return
     for _, image_path, mask_path in data:
@@ -346,13 +350,15 @@ def patch_naming_accuracy(segmenter, items, names: list[str]) -> dict:
             "pixels": total}
 
 
-def probe_synthetic(model, split, plot=None) -> dict:
+def probe_synthetic(model, split, plot=None, limit: int | None = None) -> dict:
     """Every encoder probe of ``model``'s patch tokens on one labelled split of the synthetic world: MMC's
     prompting-patch segmentation and intra/inter-object similarity (its histogram PNG at ``plot``), and linear probes
     of each object's colour and shape (the synthetic world's classes are "<colour> <shape>")."""
     from .datasets import load_dataset
 
     items = load_dataset("synthetic", split)
+    if limit is not None:
+        items = dataclasses.replace(items, items=items.items[:limit])
     names = items.classes[1:]
     encoder = EncoderFeatures(model)
     report = {"prompt_patch": prompt_patch_segmentation(encoder, items),
