@@ -102,26 +102,42 @@ def main(argv: list[str] | None = None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="turn an image-caption collection into webdataset shards")
-    b.add_argument("--kind", required=True, choices=("folder", "table", "coco", "wds"))
+    b.add_argument("--kind", required=True, choices=("folder", "table", "coco", "wds"),
+                   help="folder: images with sidecar .txt captions; table: CSV/TSV/JSONL/Parquet of paths and "
+                        "captions; coco: a COCO captions json; wds: existing webdataset shards")
     b.add_argument("--input", required=True, nargs="+", help="folder(s), table file(s), COCO json(s) or shards")
     b.add_argument("--root", default=None, help="root of relative image paths (table, coco)")
-    b.add_argument("--out", required=True)
-    b.add_argument("--path-column", default="path")
-    b.add_argument("--caption-column", default="caption")
-    b.add_argument("--key-column", default=None)
-    b.add_argument("--shard-count", type=int, default=1000, help="samples per shard (0: no count limit)")
-    b.add_argument("--shard-bytes", type=int, default=None, help="bytes per shard")
-    b.add_argument("--prefix", default="shard", help="shard name prefix: a plain name (letters, digits, _ - .)")
-    b.add_argument("--workers", type=int, default=1)
-    b.add_argument("--max-side", type=int, default=None)
-    b.add_argument("--format", choices=("jpg", "webp", "keep"), default="jpg")
-    b.add_argument("--quality", type=int, default=90)
-    b.add_argument("--max-bytes", type=int, default=None, help="per-image size budget")
-    b.add_argument("--min-side", type=int, default=32)
-    b.add_argument("--max-aspect", type=float, default=5.0)
-    b.add_argument("--min-caption-chars", type=int, default=1)
-    b.add_argument("--max-caption-chars", type=int, default=1000)
-    b.add_argument("--shuffle-seed", type=int, default=None, help="shuffle the input order with this seed")
+    b.add_argument("--out", required=True, help="folder for the shards, manifest.json and stats.md")
+    b.add_argument("--path-column", default="path", help="table: the image path column (default: %(default)s)")
+    b.add_argument("--caption-column", default="caption",
+                   help="table: the caption column (default: %(default)s)")
+    b.add_argument("--key-column", default=None,
+                   help="table: a column of sample keys (default: the row number)")
+    b.add_argument("--shard-count", type=int, default=1000,
+                   help="samples per shard (0: no count limit; default: %(default)s)")
+    b.add_argument("--shard-bytes", type=int, default=None, help="bytes per shard at most (default: no limit)")
+    b.add_argument("--prefix", default="shard",
+                   help="shard name prefix: a plain name (letters, digits, _ - .; default: %(default)s)")
+    b.add_argument("--workers", type=int, default=1, help="decoding/encoding processes (default: %(default)s)")
+    b.add_argument("--max-side", type=int, default=None,
+                   help="resize so that the longer side is at most this many pixels (default: keep the size)")
+    b.add_argument("--format", choices=("jpg", "webp", "keep"), default="jpg",
+                   help="image encoding in the shards; keep: the original bytes when no resize or conversion was "
+                        "needed (default: %(default)s)")
+    b.add_argument("--quality", type=int, default=90, help="JPEG/WebP quality (default: %(default)s)")
+    b.add_argument("--max-bytes", type=int, default=None,
+                   help="per-image size budget: quality is lowered in steps of 10 (to 30) until it fits "
+                        "(default: none)")
+    b.add_argument("--min-side", type=int, default=32,
+                   help="images with a shorter side below this are skipped and counted (default: %(default)s)")
+    b.add_argument("--max-aspect", type=float, default=5.0,
+                   help="images with a long/short side ratio above this are skipped (default: %(default)s)")
+    b.add_argument("--min-caption-chars", type=int, default=1,
+                   help="shorter cleaned captions are skipped (default: %(default)s)")
+    b.add_argument("--max-caption-chars", type=int, default=1000,
+                   help="longer cleaned captions are skipped (default: %(default)s)")
+    b.add_argument("--shuffle-seed", type=int, default=None,
+                   help="shuffle the input order with this seed (default: the input's order)")
     b.add_argument("--no-dedup", action="store_true", help="keep exact duplicates")
     b.add_argument("--allow-outside-input", action="store_true",
                    help="follow symlinks that lead outside the input folder or --root (refused by default)")
