@@ -519,27 +519,22 @@ def load_dataset(name: str, root: str):
 
 def cmd_calibrate(args) -> int:
     """Chooses the model's read-out and background threshold on a labelled split and saves them as readout.json."""
-    from .eval.calibrate import calibrate
+    from .eval.calibrate import calibrate, readout_key
     from .inference.segmenter import READOUT_FILE, ReadOut
     from .inference.strategies import GROUPINGS, NAMINGS
 
     for flag, value, known in (("--grouping", args.grouping, GROUPINGS), ("--naming", args.naming, NAMINGS)):
         if value is not None and value not in known:
-            raise UserError(f"--naming/--grouping {value!r}: choose one of {', '.join(sorted(known))}")
+            raise UserError(f"{flag} {value!r}: choose one of {', '.join(sorted(known))}")
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit {args.limit}: give a positive number of images")
     model = load_model(args.model)
-    dataset = load_dataset(args.dataset, args.root)
-    if not dataset.background:
-        raise UserError(f"--dataset {args.dataset} has no background class, so there is no background threshold to "
-                        f"choose; calibrate on voc21, context60, coco_object or synthetic")
+    dataset = load_dataset(args.dataset, args.root)  # --dataset offers only splits with a background class
     previous = Path(args.model) / READOUT_FILE
     before = ReadOut.load(args.model) if previous.is_file() else None
     readout, sweeps = calibrate(model, dataset, args.grouping, args.naming, args.blocks, limit=args.limit,
                                 progress=True)
     path = readout.save(args.model)
-    from .eval.calibrate import readout_key
-
     cal = readout.calibration
     for key, miou in cal["candidates"].items():
         print(f"  {key:32s} best calibration mIoU {miou:5.1f}")

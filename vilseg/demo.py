@@ -164,7 +164,6 @@ def summarize(run_dirs: list[Path]) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     argv = list(argv) if argv is not None else None
-    import sys
 
     args_list = argv if argv is not None else sys.argv[1:]
     if args_list and args_list[0] == "--summarize":
