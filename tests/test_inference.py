@@ -12,6 +12,7 @@ from vilseg.inference import (BackgroundWordsDecision, ClusterGrouping, DenseGro
                               ReadOut, ReencodeGlobalNaming, Segmenter, SlidingWindow, ThresholdDecision,
                               VocabularyIndex, connected_components)
 from vilseg.inference.strategies import MaskedAttentionNaming, bound_segments
+from vilseg.inference.vocabulary import DEFAULT_TEMPLATES, text_identity
 
 
 class ColourModel(nn.Module):
@@ -26,6 +27,8 @@ class ColourModel(nn.Module):
         self.image_encoder.patch_size = 8
         self.image_encoder.normalize = lambda x: x
         self.config = type("C", (), {"image": type("I", (), {"img_size": 32})()})()
+        # the text reference centring subtracts: the mean of captions naming red, green and blue equally often
+        self.text_reference = torch.tensor([1 / 3, 1 / 3, 1 / 3, 0.0])
 
     def _onehot(self, images):
         patches = F.avg_pool2d(images, 8)  # [B, 3, h, w]
@@ -75,8 +78,8 @@ def test_known_scene_labels_background_and_segments(grouping):
     acc.update(res.labels, _truth())
     assert acc.iou()[[0, 1, 3]].min() > 0.9  # bilinear upsampling rounds the corners only
     if grouping == "clusters":
-        # the two red squares share a cluster but are separate connected segments; grey is background (centred
-        # queries: a pure red patch scores cos((1,0,0,0), (2,-1,-1,0)/sqrt(6)) = 0.816, grey below 0.4)
+        # the two red squares share a cluster but are separate connected segments; grey is background (names
+        # centred on the reference: a pure red patch scores cos((1,0,0,0), (2,-1,-1,0)/sqrt(6)) = 0.816, grey below 0.4)
         assert sorted(s["label"] for s in res.segments) == ["background", "blue thing", "red thing", "red thing"]
         red = [s for s in res.segments if s["label"] == "red thing"]
         assert {tuple(s["box"]) for s in red} == {(0, 0, 16, 16), (32, 16, 48, 32)}
@@ -110,6 +113,10 @@ class OutlineModel(ColourModel):
     """Patch embeddings know only colour; the global embedding knows only the outline of what is saturated in the
     image: wider than tall, or taller than wide (a stand-in for shape, which a ViT's average-pooled global embedding
     learns from captions while its patch embeddings do not)."""
+
+    def __init__(self):
+        super().__init__()
+        self.text_reference = torch.tensor([0, 0, 0, 0, 0.5, 0.5])  # captions saying "wide" and "tall" equally often
 
     def dense_embeddings(self, images):
         onehot = self._onehot(images)
@@ -253,6 +260,38 @@ def test_approximate_index_recall_against_exact():
     _, e = exact.search(queries, 1)
     _, a = approx.search(queries, 1)
     assert (e == a).float().mean() >= 0.99
+
+
+def test_a_class_scores_the_same_under_two_class_lists_that_share_it(tmp_path):
+    model = create_model("vilseg-tiny")
+    model.fit_text_reference(["a red circle on grey.", "two blue squares.", "a green triangle and a red square."])
+    model.save_pretrained(tmp_path / "m")
+    model = type(model).from_pretrained(tmp_path / "m")  # the reference travels with the export
+    assert model.text_reference is not None and (tmp_path / "m" / "text_reference.safetensors").is_file()
+    q = F.normalize(torch.randn(5, model.config.embed_dim, generator=torch.Generator().manual_seed(0)), dim=-1)
+    pair = VocabularyIndex.build(model, ["cat", "dog"])
+    six = VocabularyIndex.build(model, ["dog", "car", "cat", "tree", "sky", "boat"])
+    torch.testing.assert_close(pair.scores(q)[:, 0], six.scores(q)[:, 2])  # cat
+    torch.testing.assert_close(pair.scores(q)[:, 1], six.scores(q)[:, 0])  # dog
+    # the score is the cosine with the name centred on the reference, not on the list it came with
+    raw = torch.cat([model.encode_texts([t.format("cat") for t in DEFAULT_TEMPLATES])]).mean(0)
+    cat = F.normalize(F.normalize(raw, dim=-1) - model.text_reference, dim=-1)
+    torch.testing.assert_close(pair.scores(q)[:, 0], q @ cat, atol=1e-5, rtol=0)
+    # a model without a reference is not centred: the cosine with the plain name
+    bare = create_model("vilseg-tiny")
+    plain = VocabularyIndex.build(bare, ["cat", "dog"])
+    raw = F.normalize(bare.encode_texts([t.format("cat") for t in DEFAULT_TEMPLATES]).mean(0), dim=-1)
+    torch.testing.assert_close(plain.scores(q)[:, 0], q @ raw, atol=1e-5, rtol=0)
+    assert plain.center is None and pair.center is not None
+
+
+def test_a_refitted_text_reference_changes_the_text_identity():
+    model = create_model("vilseg-tiny")
+    before = text_identity(model)
+    model.fit_text_reference(["a red circle.", "a blue square."])
+    first = text_identity(model)
+    model.fit_text_reference(["a green triangle.", "a grey star."])
+    assert len({before, first, text_identity(model)}) == 3
 
 
 def test_vocabulary_index_save_load_and_text_identity(tmp_path):

@@ -46,6 +46,14 @@ def test_train_main_runs_a_few_steps_and_exports(tmp_path, shards):
     # what the export was trained on, beside its weights: the synthetic world's shards (their manifest says so)
     record = json.loads((final / "training.json").read_text())
     assert record["data"] == {"shards": shards, "synthetic_world": True} and record["steps"] == 3
+    # the score reference: the same captions' mean embedding under the exported (folded) text side
+    from vilseg import ViLSeg
+    from vilseg.data.stream import read_captions
+
+    model = ViLSeg.from_pretrained(final)
+    expected = model.encode_texts(read_captions(shards, 4096)).double().mean(0).float()
+    assert summary["text_reference_captions"] == 96
+    torch.testing.assert_close(model.text_reference, expected, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("config", ["configs/debug.yaml", "configs/debug.yaml+augment", "configs/mmc/pretrain-debug.yaml",

@@ -124,6 +124,7 @@ def model_and_readout(args):
     import copy
 
     from .inference.segmenter import CLIP_READOUT, READOUT_FILE, default_readout
+    from .models.vilseg import REFERENCE_NAME
     from .inference.strategies import GROUPINGS, NAMINGS
 
     given = [flag for flag, value in (("--model", args.model), ("--open-clip", args.open_clip)) if value]
@@ -145,6 +146,9 @@ def model_and_readout(args):
                   + (f"@{readout.blocks}" if readout.naming == "masked_attention" else "")
                   + f", background threshold {readout.threshold} (uncalibrated; `vilseg calibrate --model "
                   f"{args.model} ...` chooses both on a labelled split)", file=sys.stderr)
+        if getattr(model, "text_reference", None) is None:
+            print(f"vilseg: note: {args.model} has no {REFERENCE_NAME} (exported before vilseg stored one): class "
+                  f"names are scored uncentred", file=sys.stderr)
     else:
         model = load_open_clip(args.open_clip, args.pretrained)
         readout, center = copy.deepcopy(CLIP_READOUT), False

@@ -257,6 +257,8 @@ def export(accelerator, model, run_dir: Path, state: TrainState, summary: dict, 
     With ``train.text_subspace`` (and a stage that trains on captions) the exported copy of the model has the
     training captions' text subspace folded into its text projection (:meth:`~vilseg.ViLSeg.fold_text_subspace`,
     fitted on the first ``train.text_subspace_captions`` captions of ``data.shards``); the live model is unchanged.
+    A stage that trains on captions also stores the same captions' mean embedding as the model's text reference
+    (:meth:`~vilseg.ViLSeg.fit_text_reference`), which vocabulary centring subtracts.
     """
     from accelerate.utils import gather_object
 
@@ -266,13 +268,16 @@ def export(accelerator, model, run_dir: Path, state: TrainState, summary: dict, 
     final_dir = run_dir / "final"
     if accelerator.is_main_process:
         tmp_dir = run_dir / ".tmp-final"
-        if captions and cfg.train.text_subspace:
+        if captions:
             from vilseg.data.stream import read_captions
 
             model = copy.deepcopy(model)
-            k = model.fold_text_subspace(read_captions(cfg.data.shards, cfg.train.text_subspace_captions),
-                                         variance=cfg.train.text_subspace)
-            summary = {**summary, "text_subspace_dim": k}
+            texts = read_captions(cfg.data.shards, cfg.train.text_subspace_captions)
+            if cfg.train.text_subspace:
+                k = model.fold_text_subspace(texts, variance=cfg.train.text_subspace)
+                summary = {**summary, "text_subspace_dim": k}
+            model.fit_text_reference(texts)  # after the fold: the reference lives in the exported joint space
+            summary = {**summary, "text_reference_captions": len(texts)}
         model.save_pretrained(tmp_dir)
         write_text_atomic(tmp_dir / TRAINING_FILE, json.dumps(training_record(cfg, state), indent=1))
         replace_folder(tmp_dir, final_dir)

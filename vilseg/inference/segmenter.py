@@ -172,7 +172,8 @@ class Segmenter:
             ...), or a built :class:`VocabularyIndex`.
         readout: a :class:`ReadOut` (default: the saved one of ``from_pretrained``, else ``ReadOut()``).
         templates: prompt templates; a name's embedding is the normalised mean over them.
-        center: subtract the vocabulary's mean embedding (see :meth:`VocabularyIndex.build`).
+        center: subtract the model's fixed text reference from every name's embedding, so that a class's score
+            is the same in every vocabulary (see :meth:`VocabularyIndex.build`; a model without one is not centred).
         top_k: classes listed per segment.
         tiling: a :class:`SlidingWindow` for images larger than one forward pass should take.
         device: torch device; default CUDA if available.

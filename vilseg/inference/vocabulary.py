@@ -5,7 +5,8 @@
     index.save("vocab/"); VocabularyIndex.load("vocab/", model)   # refuses a model with another text side
 
 Each name is embedded with prompt templates, averaged and L2-normalised (CLIP's prompt ensembling); optionally the
-vocabulary's mean is subtracted first (see ``center``). A class scores the best of its names. The index is exact
+model's fixed text reference (the training captions' mean embedding, ``ViLSeg.fit_text_reference``) is subtracted
+first (see ``center``), so that a class's score never depends on the other classes asked. A class scores the best of its names. The index is exact
 inner product below ``APPROXIMATE_FROM`` names and HNSW from there (measured in benchmarks/segment.py: HNSW
 with ``HNSW_EF_SEARCH`` keeps recall@1 >= 0.99 at a fraction of the exact search's cost); on a machine with
 faiss-gpu and CUDA the exact index lives on the GPU (faiss-gpu returns at most 2048 neighbours, so k is capped there).
@@ -29,10 +30,17 @@ INDEX_FILE, META_FILE, VECTORS_FILE = "index.faiss", "vocabulary.json", "vectors
 
 def text_identity(model) -> str:
     """A fingerprint of everything that maps a name to its embedding: the text tower's weights, the text projection
-    and the tokenizer settings. An index built with one text side refuses to load with another."""
+    and the tokenizer settings, and the text reference that centring subtracts. An index built with one text side
+    refuses to load with another."""
     from ..models.text_encoder import weights_identity
 
-    return weights_identity(model, ("text_encoder.", "text_proj."))
+    identity = weights_identity(model, ("text_encoder.", "text_proj."))
+    reference = getattr(model, "text_reference", None)
+    if reference is None:
+        return identity
+    digest = hashlib.sha256(identity.encode())
+    digest.update(reference.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:32]
 
 
 def normalise_vocabulary(vocabulary) -> dict[str, list[str]]:
@@ -132,7 +140,7 @@ class VocabularyIndex:
         classes: class names, index = class id.
         identity: :func:`text_identity` of the model that embedded them.
         kind: "flat" (exact), "hnsw" (approximate) or "auto" (HNSW from ``APPROXIMATE_FROM`` vectors).
-        center: the vocabulary mean that was subtracted (stored so queries can be compared; None if not centred).
+        center: the text reference that was subtracted (stored so queries can be compared; None if not centred).
     """
 
     def __init__(self, vectors: torch.Tensor, owner: torch.Tensor, classes: list[str], identity: str = "",
@@ -176,9 +184,12 @@ class VocabularyIndex:
             vocabulary: names, or mapping name -> aliases, or a packaged vocabulary's name (``vilseg.inference.
                 vocabularies.list_vocabularies()``).
             templates: prompt templates, each with one ``{}``.
-            center: subtract the mean of the names' embeddings before normalising (needs >= 2 names): captions
-                share a large common component (template, wording), and regions no caption describes drift towards
-                it; centring removes it so that they score near 0 for every name.
+            center: subtract the model's text reference (``model.text_reference``, the training captions' mean
+                embedding, fixed with the model) before normalising: text embeddings share a large common component
+                (template, wording), and regions no caption describes drift towards it; centring removes it so that
+                they score near 0 for every name. The reference does not depend on the vocabulary, so a class's
+                score is the same in every list. A model without one (a bare CLIP, or an export from before the reference existed) is
+                not centred.
             kind: index kind (see the class).
             batch_size: prompts per text-tower call.
             progress: a progress bar while embedding (None: only on a terminal).
@@ -187,10 +198,10 @@ class VocabularyIndex:
         names = [a for group in aliases.values() for a in group]
         owner = torch.tensor([i for i, group in enumerate(aliases.values()) for _ in group])
         vectors = embed_names(model, names, templates, batch_size, progress)
-        mean = None
-        if center and len(names) > 1:
-            mean = vectors.mean(0)
-            vectors = F.normalize(vectors - mean, dim=-1)
+        mean = getattr(model, "text_reference", None) if center else None
+        if mean is not None:
+            mean = mean.detach().float().cpu()
+            vectors = F.normalize(vectors - mean.to(vectors), dim=-1)
         return cls(vectors, owner, list(aliases), text_identity(model), kind, mean, aliases)
 
     def search(self, queries: torch.Tensor, k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,6 +17,7 @@ from .text_encoder import build_text_encoder
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 TEXT_ASSETS = "text_encoder"
+REFERENCE_NAME = "text_reference.safetensors"  # the score reference (ViLSeg.fit_text_reference), when fitted
 
 
 class ViLSeg(nn.Module):
@@ -53,6 +54,7 @@ class ViLSeg(nn.Module):
         self.text_proj = nn.Identity() if joint == "clip" else nn.Linear(text_encoder.width, embed_dim)
         self.joint = joint
         self.init_report = None  # a CLIP-built model: which tensors came from the CLIP (vilseg/models/clip.py)
+        self.text_reference: torch.Tensor | None = None  # [E], see fit_text_reference; saved in its own file
         self.cluster_head = ClusterHead(width, cluster_hidden, n_clusters)
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
         self.slot_head = SlotHead(width, prototype_hidden, prototype_dim, n_prototypes) if n_prototypes else None
@@ -75,6 +77,34 @@ class ViLSeg(nn.Module):
     def embed_text_features(self, feats: torch.Tensor) -> torch.Tensor:
         """[B, W] text-tower features (e.g. cached ones of a frozen tower) -> [B, E] normalised joint embeddings."""
         return F.normalize(self.text_proj(feats), dim=-1)
+
+    @torch.no_grad()
+    def fit_text_reference(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+        """Fixes the reference that class names are centred against: the mean joint-space embedding of ``texts``
+        (the training captions; ``train.export`` fits it). Returns it ([E], float32, CPU).
+
+        Text embeddings share a large common component (prompt template, caption wording), and regions that no name
+        describes drift towards it. Subtracting a mean before scoring removes it. Subtracting the mean of the names
+        being asked would make a segment's score for one class depend on which other classes are in the list, so
+        that a calibrated background threshold meant something else in every vocabulary; this reference is fixed
+        with the model instead (:meth:`VocabularyIndex.build` with ``center=True`` subtracts it).
+
+        Args:
+            texts: training captions (a few thousand suffice).
+            batch_size: captions encoded at a time.
+        """
+        texts = [t for t in texts if isinstance(t, str) and t.strip()]
+        if len(texts) < 2:
+            raise ValueError(f"fit_text_reference needs at least 2 non-empty captions, got {len(texts)}")
+        was_training = self.training
+        self.eval()
+        total = None
+        for i in range(0, len(texts), batch_size):
+            part = self.encode_texts(texts[i:i + batch_size]).detach().double().sum(0).cpu()
+            total = part if total is None else total + part
+        self.train(was_training)
+        self.text_reference = (total / len(texts)).float()
+        return self.text_reference
 
     @torch.no_grad()
     def fold_text_subspace(self, texts: list[str], variance: float = 0.95, batch_size: int = 256) -> int:
@@ -208,6 +238,11 @@ class ViLSeg(nn.Module):
         else:
             self.text_encoder.save_assets(directory / TEXT_ASSETS)
         (directory / CONFIG_NAME).write_text(json.dumps(cfg, indent=2))
+        if self.text_reference is not None:
+            save_file({"mean": self.text_reference.detach().float().contiguous().cpu()},
+                      str(directory / REFERENCE_NAME), metadata={"format": "pt"})
+        elif (directory / REFERENCE_NAME).exists():
+            (directory / REFERENCE_NAME).unlink()  # a stale reference of another model
         return directory
 
     @classmethod
@@ -237,6 +272,18 @@ class ViLSeg(nn.Module):
                              f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}), "
                              f"{len(reshaped)} of another shape (e.g. {reshaped[:2]})")
         model.load_state_dict(state)
+        reference = directory / REFERENCE_NAME
+        if reference.is_file():
+            try:
+                mean = load_file(str(reference))["mean"]
+            except Exception as exn:
+                raise ValueError(f"{reference} is not a readable text reference (a safetensors file with a 'mean' "
+                                 f"tensor): {exn}") from exn
+            dim = model.image_proj.out_features
+            if tuple(mean.shape) != (dim,):
+                raise ValueError(f"{reference}: the text reference has shape {tuple(mean.shape)}, the model's joint "
+                                 f"space has {dim} dimensions")
+            model.text_reference = mean.float()
         return model
 
 
