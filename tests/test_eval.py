@@ -320,7 +320,7 @@ def test_a_report_over_a_subset_says_so():
         {**report, "images": 3, "skipped": 0, "limit": 3, "split_images": 10})
 
 
-def test_synthetic_split_agrees_with_the_segmenter_read_out(tiny_model, tmp_path):
+def test_synthetic_split_agrees_with_the_segmenter_read_out(tiny_model, tmp_path, capsys):
     """The demo, `vilseg eval` and the Segmenter use one read-out path: equal numbers on the synthetic split."""
     from data_prep import synthetic
     from vilseg.inference import Segmenter
@@ -341,9 +341,19 @@ def test_synthetic_split_agrees_with_the_segmenter_read_out(tiny_model, tmp_path
         acc.update(torch.where(best > seg.readout.threshold, idx + 1, 0).numpy(), ds.label(item))
     assert report["protocol"]["bg_threshold"] == seg.readout.threshold
     assert abs(report["miou"] - 100 * acc.miou()) < 1e-9
-    # protocol B on the same split runs too (its own rule)
+    # protocol B on the same split runs too (its own rule). The synthetic world's names have no background name, so
+    # B's background comes only from prob_thd: at 0 no pixel can be background, and the report says why it scores 0
     assert cli(["eval", "--model", str(tiny_model), "--dataset", "synthetic", "--root", str(split),
-                "--protocol", "B", "--out", str(out)]) == 0
+                "--protocol", "B", "--set", "prob_thd=0", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["per_class"]["background"] == 0
+    assert len(report["notes"]) == 1 and "prob_thd 0.0" in report["notes"][0] \
+        and "none for synthetic" in report["notes"][0]
+    assert "note: background IoU is 0" in capsys.readouterr().out
+    # a prob_thd above every probability makes every pixel background: nothing to explain
+    assert cli(["eval", "--model", str(tiny_model), "--dataset", "synthetic", "--root", str(split),
+                "--protocol", "B", "--set", "prob_thd=1.01", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["notes"] == []
 
 
 def test_probes_run_on_voc_instances_with_a_bare_timm_encoder_and_on_synthetic_with_a_vilseg_model(

@@ -173,9 +173,30 @@ def evaluate(predictor, dataset: Dataset, protocol: Protocol, names: str | None 
                 "bg_threshold_source": bg_source, "templates": list(templates),
                 "names": names or protocol.names, "queried_names": per_class_names}
     report = _report(acc, dataset, settings, predictor.describe(), len(items), skipped, int(state[-1]))
+    report["notes"] = background_notes(acc, dataset, protocol, per_class_names, bg_threshold)
     report["processes"] = process_state().num_processes
     report["limit"], report["split_images"] = limit, len(dataset.items)
     return report
+
+
+def background_notes(acc: IoUAccumulator, dataset: Dataset, protocol: Protocol, per_class_names: list[list[str]],
+                     bg_threshold: float | None) -> list[str]:
+    """Why a dataset's background class scored 0, when no pixel at all was predicted background because no rule of
+    the protocol could produce it: one line for the report (else nothing)."""
+    if not dataset.background or acc.pred[0] > 0 or acc.label[0] == 0:
+        return []
+    name = dataset.classes[0]
+    if protocol.rule == "argmax":
+        if bg_threshold is None:
+            return [f"{name} IoU is 0 by construction: protocol {protocol.name} without bg_threshold has no "
+                    f"background channel, so no pixel can be {name} (--set bg_threshold=0.5 adds TCL's)"]
+        return [f"no pixel was predicted {name}: every pixel's best class scored above bg_threshold {bg_threshold}"]
+    via_names = f"{name} names ({', '.join(per_class_names[0])})" if per_class_names[0] else \
+        f"{name} names (the {protocol.names!r} names have none for {dataset.name})"
+    return [f"{name} IoU is 0: protocol {protocol.name} predicts {name} only through {via_names} or where the best "
+            f"class probability is under prob_thd {protocol.prob_thd}, and here no pixel's was (softmax over "
+            f"{sum(1 for n in per_class_names if n)} classes at logit_scale {protocol.logit_scale}; --set prob_thd=P "
+            f"raises the bar)"]
 
 
 def _report(acc: IoUAccumulator, dataset: Dataset, settings: dict | None, source: dict, n_images: int,
@@ -272,6 +293,8 @@ def write_report(report: dict, out: str | Path) -> Path:
     title = f"{report['dataset']}" + (f", protocol {report['protocol']['name']}" if report["protocol"] else "")
     print(markdown_table(report["per_class"], report["miou"], title))
     print(coverage(report) + f"; report: {out}")
+    for note in report.get("notes", []):
+        print(f"note: {note}")
     return out
 
 
