@@ -72,10 +72,10 @@ for s in seeds:
     for name in (f"gpu_full_s{s}", f"gpu_full_s{s}__dense", f"gpu_xm_s{s}"):
         m = json.load(open(f"runs/{name}/metrics.json"))
         c = m["canonical"]
-        rows[name] = {"miou": c["miou"], "seen": m["seen_queries_miou"], "heldout": m["heldout_queries_miou"],
-                      "combos": c["heldout_combo_miou"], "bg": c["background_iou"],
-                      "synonym_miou": m["synonym"]["miou"], "text_ceiling": m["text_ceiling_synonym_top1"],
-                      "calib_best": 100 * max(m["calibration_sweep"].values())}
+        rows[name] = {"miou": c["miou"], "seen": m["seen_miou"], "heldout": m["heldout_pooled_miou"],
+                      "combos": m["heldout_combo_miou"], "bg": c["background_iou"],
+                      "synonym_miou": m["synonym_miou"], "text_ceiling": m["synonym_ceiling"],
+                      "calib_best": max(m["calibration_sweep"].values())}
 json.dump(rows, open(f"{out}/seeds_summary.json", "w"), indent=1)
 for k, r in rows.items():
     print(k, " ".join(f"{a}={b:.1f}" if isinstance(b, float) else f"{a}={b}" for a, b in r.items()))

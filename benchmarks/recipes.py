@@ -197,7 +197,7 @@ def measure_readouts(model_dir: Path, data_dir: Path, out: Path) -> list[dict]:
         key = demo.readout_key(grouping, naming, blocks)
         report = demo.evaluate_model(model_dir, data_dir, out / "readouts" / key, 0, grouping, naming, blocks=blocks)
         rows_.append({"readout": key, "calib_miou": report["calibration"]["miou"], "threshold": report["bg_threshold"],
-                      "miou_seen": report["seen_queries_miou"], "miou_heldout": report["heldout_queries_miou"]})
+                      "miou_seen": report["seen_miou"], "miou_heldout": report["heldout_pooled_miou"]})
         print(json.dumps(rows_[-1]), flush=True)
     return rows_
 
@@ -235,9 +235,9 @@ def rows(recipe: str, seed: int, report: dict, minutes: float) -> tuple[dict | N
     if "cluster+pool" not in report:
         return None, probe
     demo_r, pool_r = report["cluster+reencode_global"], report["cluster+pool"]
-    backbone = {"recipe": recipe, "seed": seed, "miou_seen": demo_r["seen_queries_miou"],
-                "miou_heldout": demo_r["heldout_queries_miou"], "miou_seen_pool": pool_r["seen_queries_miou"],
-                "miou_heldout_pool": pool_r["heldout_queries_miou"], "patch_shape_acc": report["patch_naming"]["shape"],
+    backbone = {"recipe": recipe, "seed": seed, "miou_seen": demo_r["seen_miou"],
+                "miou_heldout": demo_r["heldout_pooled_miou"], "miou_seen_pool": pool_r["seen_miou"],
+                "miou_heldout_pool": pool_r["heldout_pooled_miou"], "patch_shape_acc": report["patch_naming"]["shape"],
                 "prompt_patch_miou": probe["prompt_patch_miou"], "intra_inter_overlap": probe["intra_inter_overlap"],
                 "cpu_minutes": minutes}
     return backbone, probe

@@ -15,7 +15,20 @@ def test_demo_writes_metrics_for_seen_and_held_out_queries_and_overlays(tmp_path
                         "--train-samples", "64", "--eval-samples", "6", "--overlays", "2",
                         "--out", str(tmp_path / "out")])
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert metrics["seen_queries_miou"] == report["seen_queries_miou"]
+    assert metrics["seen_miou"] == report["seen_miou"] == metrics["canonical"]["seen_miou"]
+    # held-out in its two parts (the results page's), and pooled as the README quotes it; all in percent
+    held = [q["iou"] for q in metrics["per_query_iou"].values() if q["held_out"] and q["iou"] == q["iou"]]  # no NaN
+    assert metrics["heldout_pooled_miou"] == pytest.approx(sum(held) / len(held))
+    assert metrics["heldout_combo_miou"] == metrics["canonical"]["heldout_combo_miou"]
+    synonyms = [v for k, v in metrics["synonym"]["per_class_iou"].items() if k != "background" and v == v]
+    assert metrics["synonym_miou"] == pytest.approx(sum(synonyms) / len(synonyms))
+    assert metrics["synonym_ceiling"] in [100 * k / 16 for k in range(17)]  # a share of 16 names, in percent
+    assert all(0 <= v <= 100 for v in metrics["calibration_sweep"].values()) and \
+        max(metrics["calibration_sweep"].values()) == pytest.approx(metrics["calibration"]["miou"])
+    assert set(demo.ABOUT) - {"units"} <= set(metrics)
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == demo.summary_line(metrics) and last.startswith(f"demo: seen {metrics['seen_miou']:.1f} mIoU, "
+                                                                 f"held-out {metrics['heldout_pooled_miou']:.1f}")
     # the read-out is chosen on the calibration split among the candidates and saved with the model
     saved = json.loads((tmp_path / "out" / "train" / "final" / "readout.json").read_text())
     # the debug model has 2 blocks: masked attention in the last 2 is masked attention in "all"; it is tried once
