@@ -431,10 +431,11 @@ def gallery(model_dir: Path, readout_dir: Path, data: Path, out: Path, n: int = 
 
     from vilseg import eval as ev
     from vilseg.inference import ReadOut, Segmenter
-    from vilseg.overlay import colourise
+    from vilseg.overlay import colourise, legend_colours
 
     split = ev.load_dataset("synthetic", data / "eval")
     names = split.classes[1:]
+    colours = legend_colours(list(range(1, len(split.classes))), split.classes)  # one colour per class, every panel
     columns = {}
     for name, (grouping, naming, blocks) in READOUTS.items():
         report = readout_dir / name / "report.json"
@@ -454,8 +455,8 @@ def gallery(model_dir: Path, readout_dir: Path, data: Path, out: Path, n: int = 
     fig, axes = plt.subplots(len(items), len(columns) + 2, figsize=(1.6 * (len(columns) + 2), 1.7 * len(items)))
     for r, item in enumerate(items):
         panels = [("image", np.asarray(Image.open(item.image).convert("RGB"))),
-                  ("ground truth", colourise(split.label(item).astype(np.int64)))]
-        panels += [(key.replace("clip_", ""), colourise(seg.segment(item.image).labels))
+                  ("ground truth", colourise(split.label(item).astype(np.int64), colours))]
+        panels += [(key.replace("clip_", ""), colourise(seg.segment(item.image).labels, colours))
                    for key, seg in columns.items()]
         for c, (title, panel) in enumerate(panels):
             axes[r, c].imshow(panel, interpolation="nearest")
