@@ -15,7 +15,7 @@ import argparse
 import json
 import sys
 
-from vilseg.errors import ConfigError
+from vilseg.errors import ConfigError, OneLineParser
 
 
 def _build(args) -> dict:
@@ -87,7 +87,7 @@ def _text_features(parser, args) -> dict:
         shards = expand_shards(args.shards)
         manifest = add_text_features(shards, args.config, args.out, args.negatives, args.batch_size)
     except (ConfigError, FileNotFoundError, ValueError) as exn:
-        parser.exit(2, f"python -m data_prep text-features: error: {exn}\n")
+        parser.exit(2, f"python -m data_prep text-features: {exn}\n")
     print(json.dumps({k: v for k, v in manifest.items() if k != "shard_files"}, indent=1))
     return manifest
 
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None):
         from .synthetic import main as synthetic_main
 
         return synthetic_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="python -m data_prep", description=__doc__,
+    parser = OneLineParser(prog="python -m data_prep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="turn an image-caption collection into webdataset shards")
@@ -167,14 +167,14 @@ def main(argv: list[str] | None = None):
         try:
             return _build(args)
         except (ValueError, FileNotFoundError, KeyError) as exn:  # bad input: one line naming it, exit code 2
-            parser.exit(2, f"python -m data_prep build: error: {exn.args[0] if exn.args else exn}\n")
+            parser.exit(2, f"python -m data_prep build: {exn.args[0] if exn.args else exn}\n")
 
     from .check import check_shards
 
     try:
         shards = expand_shards(args.shards)
     except FileNotFoundError as exn:
-        parser.exit(2, f"python -m data_prep check: error: {exn}\n")
+        parser.exit(2, f"python -m data_prep check: {exn}\n")
     report = check_shards(shards)
     print(json.dumps(report, indent=1))
     if report["problems"]:

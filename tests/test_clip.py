@@ -174,7 +174,7 @@ def test_cli_errors_are_one_line(tiny_dir, tmp_path, capsys):
     assert cli([*common, "--open-clip", "ViT-B-16", "--pretrained", str(tiny_dir / "open_clip_model.safetensors")]) == 2
     assert cli([*common, "--open-clip", "ViT-B-16", "--pretrained", str(tmp_path / "missing.bin")]) == 2
     assert cli([*common, "--open-clip", f"local-dir:{tiny_dir}", "--grouping", "clusters"]) == 2
-    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("vilseg: error")]
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("vilseg segment: ") and ": note: " not in line]
     assert len(errors) == 4 and "not --model and --open-clip" in errors[0]
     assert "does not fit open_clip's 'ViT-B-16'" in errors[1] and "no such file" in errors[2]
     assert "no trained clusters head" in errors[3]

@@ -196,7 +196,7 @@ def test_vilseg_train_refuses_another_towers_features_before_it_launches(prepare
     run = subprocess.run([sys.executable, "-m", "vilseg.cli", "train", "--config", config,
                           f"run.dir={tmp_path / 'run'}", f"data.shards={root / 'text'}/train-{{000000..000001}}.tar"],
                          capture_output=True, text=True, cwd=REPO, timeout=300)
-    lines = [line for line in run.stderr.splitlines() if line.startswith("vilseg: error:")]
+    lines = [line for line in run.stderr.splitlines() if line.startswith("vilseg train: ")]
     assert run.returncode == 2 and "Traceback" not in run.stderr + run.stdout
     assert len(lines) == 1 and "another text tower" in lines[0] and not (tmp_path / "run").exists()
 

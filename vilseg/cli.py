@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .errors import OneLineParser
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
 SEGMENT_EXAMPLE = """example:
@@ -42,8 +44,11 @@ class UserError(Exception):
     """Bad input: reported as one line, exit code 2."""
 
 
+PROG = "vilseg"  # "vilseg COMMAND" once the command is known: the prefix of every error, note and warning
+
+
 def fail(message: str, code: int = 2) -> None:
-    print(f"vilseg: error: {message}", file=sys.stderr)
+    print(f"{PROG}: {message}", file=sys.stderr)
     raise SystemExit(code)
 
 
@@ -107,7 +112,7 @@ def load_open_clip(name: str, pretrained: str | None):
     from .models import from_open_clip
 
     if not pretrained and not name.startswith("local-dir:"):
-        print(f"vilseg: note: --open-clip {name} without --pretrained: random weights, whose names mean nothing",
+        print(f"{PROG}: note: --open-clip {name} without --pretrained: random weights, whose names mean nothing",
               file=sys.stderr)
     try:
         return from_open_clip(name, pretrained)
@@ -141,13 +146,13 @@ def model_and_readout(args):
         print_training_notice(args.model)
         readout, center = default_readout(args.model, model), True
         if not (Path(args.model) / READOUT_FILE).is_file():
-            print(f"vilseg: note: {args.model} has no {READOUT_FILE}: using the default read-out "
+            print(f"{PROG}: note: {args.model} has no {READOUT_FILE}: using the default read-out "
                   f"{readout.grouping}+{readout.naming}"
                   + (f"@{readout.blocks}" if readout.naming == "masked_attention" else "")
                   + f", background threshold {readout.threshold} (uncalibrated; `vilseg calibrate --model "
                   f"{args.model} ...` chooses both on a labelled split)", file=sys.stderr)
         if getattr(model, "text_reference", None) is None:
-            print(f"vilseg: note: {args.model} has no {REFERENCE_NAME} (exported before vilseg stored one): class "
+            print(f"{PROG}: note: {args.model} has no {REFERENCE_NAME} (exported before vilseg stored one): class "
                   f"names are scored uncentred", file=sys.stderr)
     else:
         model = load_open_clip(args.open_clip, args.pretrained)
@@ -194,7 +199,7 @@ def print_training_notice(directory: str) -> None:
 
     notice = training_notice(directory)
     if notice:
-        print(f"vilseg: {notice}", file=sys.stderr)
+        print(f"{PROG}: {notice}", file=sys.stderr)
 
 
 def _read_stdin_image():
@@ -348,7 +353,7 @@ def segment_files(segmenter, paths: list[str], stems: list[str], out: Path, work
             if error is not None:
                 failed.append({"file": paths[i], "error": str(error)})
                 bar.update(1)
-                tqdm.write(f"vilseg: skipped {paths[i]}: {error}", file=sys.stderr)
+                tqdm.write(f"{PROG}: skipped {paths[i]}: {error}", file=sys.stderr)
                 continue
             bucket = buckets.setdefault(tuple(x.shape), [])
             bucket.append((i, array, x, size))
@@ -495,7 +500,7 @@ def cmd_eval(args) -> int:
             report = ev.score_predictions(args.predictions, dataset, on_error=args.on_error, missing=args.missing)
         except ev.PredictionsError as exn:  # one line per file, after the one that says how many
             for line in str(exn).splitlines():
-                print(f"vilseg: error: {line}", file=sys.stderr)
+                print(f"{PROG}: {line}", file=sys.stderr)
             raise SystemExit(2) from None
     else:
         protocol = ev.preset(args.protocol, args.dataset)
@@ -648,7 +653,7 @@ def build_parser() -> argparse.ArgumentParser:
     formatter = argparse.RawDescriptionHelpFormatter
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="vilseg", description=__doc__, formatter_class=formatter)
+    parser = OneLineParser(prog="vilseg", description=__doc__, formatter_class=formatter)
     parser.add_argument("--version", action="version", version=f"vilseg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -768,21 +773,25 @@ def main(argv: list[str] | None = None) -> int:
 
     def one_line(message, category, filename, lineno, line=None):  # vilseg's own warnings (duplicate names, ...)
         if str(Path(__file__).resolve().parent) in str(Path(filename).resolve()):
-            return f"vilseg: warning: {message}\n"
+            return f"{PROG}: warning: {message}\n"
         return default_format(message, category, filename, lineno, line)
 
     if not getattr(warnings.formatwarning, "vilseg", False):
         one_line.vilseg = True
         warnings.formatwarning = one_line
+    global PROG
     parser = build_parser()
+    PROG = "vilseg"
     if argv and argv[0] == "train":  # everything after our own options is train.py's
         args, rest = parser.parse_known_args(argv)
+        PROG = "vilseg train"
         args.launch_args = args.launch_args.split()
         try:
             return cmd_train(args, [*args.overrides, *rest])
         except UserError as exn:
             fail(str(exn))
     args, extra = parser.parse_known_args(argv)
+    PROG = f"vilseg {args.command}"
     if extra:  # a mistyped option: the subcommand's usage, not the top level's
         parser.subcommands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     handlers = {"segment": cmd_segment, "index": cmd_index, "eval": cmd_eval, "probe": cmd_probe, "web": cmd_web,

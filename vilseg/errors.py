@@ -5,6 +5,9 @@ that code written against the earlier exceptions expects, so ``except ConfigErro
 """
 from __future__ import annotations
 
+import argparse
+import sys
+
 
 class ConfigError(ValueError):
     """A bad configuration value, key, file or input, named in the message."""
@@ -23,3 +26,13 @@ class ConfigTypeError(ConfigError, TypeError):
 
 class ConfigFileError(ConfigError, FileNotFoundError):
     """A file or folder named by the configuration that does not exist."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse in vilseg's message style: every command reports a problem as ``PROG COMMAND: message`` (``vilseg
+    train: ...``, ``vilseg segment: ...``, ``python -m data_prep build: ...``), and a usage error prints the
+    command's usage line first. Exit status 2."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: {message}\n")

@@ -35,11 +35,12 @@ from vilseg.training.rundir import check_run_dir, clear_run
 from vilseg.models import create_model
 from vilseg.objectives import EMATeacher, Learner, build_objectives, ema_momentum
 from vilseg.training.stage import freeze_parts, freeze_unused, init_image_encoder, layer_id
-from vilseg.errors import ConfigError, ConfigFileError
+from vilseg.errors import ConfigError, ConfigFileError, OneLineParser
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="vilseg train", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="experiment YAML (delta over configs/default.yaml)")
     parser.add_argument("--resume", nargs="?", const="latest", default=None,
                         help="continue from run.dir's latest checkpoint, or from the given checkpoint directory")
