@@ -56,11 +56,14 @@ RECIPES = {  # name -> training stages (configs), in order; the last stage's exp
     "slotcon": ["configs/slotcon/pretrain-demo.yaml", "configs/slotcon/vilseg-demo.yaml"],
     "slotcon_only": ["configs/slotcon/slots-demo.yaml"],  # SlotCon's slots, named through a caption-trained projection
 }
+ORACLES = {"oracle": "factorised", "oracle16": "joint"}  # supervised yardsticks (benchmarks/oracle.py): pixel labels
 BUDGET = 600  # every recipe at --scale 1 costs what 600 ViL-Seg demo steps cost (FLOPs, docs/results.md)
+HELDOUT_PARTS = ["miou_heldout_combo", "miou_heldout_combo_pool", "miou_synonym", "miou_synonym_pool",
+                 "synonym_ceiling"]  # held-out in its two parts (issue #30); empty in rows measured before them
 SCALING_COLUMNS = ["recipe", "seed", "budget", "steps", "miou_seen", "miou_heldout", "miou_seen_pool",
-                   "miou_heldout_pool", "patch_shape_acc", "cpu_minutes"]
+                   "miou_heldout_pool", "patch_shape_acc", "cpu_minutes", *HELDOUT_PARTS]
 BACKBONE_COLUMNS = ["recipe", "seed", "miou_seen", "miou_heldout", "miou_seen_pool", "miou_heldout_pool",
-                    "patch_shape_acc", "prompt_patch_miou", "intra_inter_overlap", "cpu_minutes"]
+                    "patch_shape_acc", "prompt_patch_miou", "intra_inter_overlap", "cpu_minutes", *HELDOUT_PARTS]
 READOUT_COLUMNS = ["recipe", "seed", "readout", "calib_miou", "threshold", "miou_seen", "miou_heldout"]
 PROBE_COLUMNS = ["recipe", "seed", "probe_shape_acc", "probe_colour_acc", "zeroshot_object_shape_acc",
                  "prompt_patch_miou", "prompt_patch_miou_random", "intra_inter_overlap", "intra_inter_auc",
@@ -239,8 +242,20 @@ def rows(recipe: str, seed: int, report: dict, minutes: float) -> tuple[dict | N
                 "miou_heldout": demo_r["heldout_pooled_miou"], "miou_seen_pool": pool_r["seen_miou"],
                 "miou_heldout_pool": pool_r["heldout_pooled_miou"], "patch_shape_acc": report["patch_naming"]["shape"],
                 "prompt_patch_miou": probe["prompt_patch_miou"], "intra_inter_overlap": probe["intra_inter_overlap"],
-                "cpu_minutes": minutes}
+                "cpu_minutes": minutes,
+                "miou_heldout_combo": demo_r["heldout_combo_miou"], "miou_heldout_combo_pool": pool_r["heldout_combo_miou"],
+                "miou_synonym": demo_r["synonym_miou"], "miou_synonym_pool": pool_r["synonym_miou"],
+                "synonym_ceiling": demo_r["synonym_ceiling"]}
     return backbone, probe
+
+
+def oracle_row(recipe: str, seed: int, report: dict) -> dict:
+    """benchmarks/oracle.py's report as a backbones.csv / scaling.csv row: seen and held-out combinations only (an
+    oracle has no text side, so neither synonyms nor a pooled held-out number; the pooled-read-out columns do not
+    apply either)."""
+    e = report["eval"]
+    return {"recipe": recipe, "seed": seed, "miou_seen": e["seen_miou"], "miou_heldout_combo": e["heldout_combo_miou"],
+            "cpu_minutes": report["cpu_minutes"], "steps": report["steps"]}
 
 
 def append_row(path: Path, columns: list[str], row: dict, key: tuple[str, ...] = ("recipe", "seed")) -> None:
@@ -289,11 +304,12 @@ def summarize(path: Path) -> str:
         group = [r for r in table if tuple(r[k] for k in keys) == group_key]
         cells = []
         for c in columns:
-            values = np.array([float(r[c]) for r in group])
+            values = np.array([float(r[c]) if r[c] not in ("", None) else np.nan for r in group])
             if np.isnan(values).all():
                 cells.append("-")
                 continue
             digits = 2 if np.nanmax(np.abs(values)) < 2 else 1  # AUCs and the like
+            values = values[~np.isnan(values)]
             mean, low, high = (f"{v:.{digits}f}" for v in (values.mean(), values.min(), values.max()))
             cells.append(f"**{mean}** ({low}-{high})" if len(values) > 1 else mean)
         lines.append(f"| {' | '.join(group_key)} | {len(group)} | " + " | ".join(cells) + " |")
@@ -338,7 +354,7 @@ def plot_scaling(path: Path, out: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", choices=list(RECIPES))
+    parser.add_argument("--recipe", choices=[*RECIPES, *ORACLES])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data", type=Path, default=Path("data/demo"))
     parser.add_argument("--out", type=Path, default=Path("runs/recipes"))
@@ -381,6 +397,20 @@ def main(argv: list[str] | None = None) -> dict:
     from vilseg.demo import prepare_data
 
     pattern = prepare_data(args.data, args.train_samples, 300, image_size=64)
+    if args.recipe in ORACLES:
+        import oracle
+
+        folder = args.out / args.recipe / (f"seed{args.seed}" + (f"@x{args.scale:g}" if args.scale != 1 else ""))
+        report = oracle.train(ORACLES[args.recipe], args.seed, args.scale, args.data, folder)
+        row = oracle_row(args.recipe, args.seed, report)
+        if args.scale != 1 or args.scaling_row:
+            append_row(args.results / "scaling.csv", SCALING_COLUMNS,
+                       {c: row.get(c, "") for c in SCALING_COLUMNS} | {"budget": round(BUDGET * args.scale)},
+                       key=("recipe", "seed", "budget"))
+        else:
+            append_row(args.results / "backbones.csv", BACKBONE_COLUMNS, {c: row.get(c, "") for c in BACKBONE_COLUMNS})
+        print(json.dumps(row))
+        return report
     out = args.out / args.recipe / (f"seed{args.seed}" + (f"@x{args.scale:g}" if args.scale != 1 else ""))
     out.mkdir(parents=True, exist_ok=True)
     if args.skip_train:
