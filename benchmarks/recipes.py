@@ -55,6 +55,9 @@ RECIPES = {  # name -> training stages (configs), in order; the last stage's exp
     "maskco": ["configs/maskco/pretrain-demo.yaml", "configs/maskco/vilseg-demo.yaml"],
     "slotcon": ["configs/slotcon/pretrain-demo.yaml", "configs/slotcon/vilseg-demo.yaml"],
     "slotcon_only": ["configs/slotcon/slots-demo.yaml"],  # SlotCon's slots, named through a caption-trained projection
+    # what each of ViL-Seg's parts buys at equal compute; the demo (xm + vis + clu) is `scratch`
+    "xm": ["configs/ablation/xm-demo.yaml"],  # the cross-modal contrast alone: segments from the `merge` grouping
+    "xm+clu": ["configs/ablation/xm-clu-demo.yaml"],  # ... and the clustering head, without the vision contrast
 }
 ORACLES = {"oracle": "factorised", "oracle16": "joint"}  # supervised yardsticks (benchmarks/oracle.py): pixel labels
 BUDGET = 600  # every recipe at --scale 1 costs what 600 ViL-Seg demo steps cost (FLOPs, docs/results.md)
@@ -172,8 +175,7 @@ def measure(model_dir: Path, data_dir: Path, out: Path, text: bool) -> dict:
     if text:
         from vilseg.inference import ReadOut, Segmenter
 
-        grouping = "slots" if model.slot_head is not None and model.config.n_prototypes and \
-            not _trains_clusters(model_dir) else "clusters"  # slotcon_only groups by its prototypes
+        grouping = grouping_of(model, model_dir)
         for naming in ("reencode_global", "pool"):
             report[f"cluster+{naming}"] = demo.evaluate_model(model_dir, data_dir, out / naming, 4, grouping, naming)
         report["grouping"] = grouping
@@ -203,6 +205,15 @@ def measure_readouts(model_dir: Path, data_dir: Path, out: Path) -> list[dict]:
                       "miou_seen": report["seen_miou"], "miou_heldout": report["heldout_pooled_miou"]})
         print(json.dumps(rows_[-1]), flush=True)
     return rows_
+
+
+def grouping_of(model, model_dir: Path) -> str:
+    """The grouping a recipe's model is read out with: the clustering head's segments where its last stage trained
+    the head; otherwise SlotCon's prototypes (``slotcon_only``) or, with neither, the training-free ``merge``
+    grouping (``xm``: an untrained head's arg-max would be a random partition of the patch embeddings)."""
+    if _trains_clusters(model_dir):
+        return "clusters"
+    return "slots" if model.slot_head is not None and model.config.n_prototypes else "merge"
 
 
 def _trains_clusters(model_dir: Path) -> bool:

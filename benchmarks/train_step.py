@@ -29,6 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 OBJECTIVE_SETS = {  # name -> objectives config; "clip" is the baseline every ratio is taken against
     "clip": {"xm": {}},
     "vilseg": {"xm": {}, "vis": {"weight": 0.5, "dim": 128, "hidden": 256}, "clu": {"detach": True}},
+    "xm+clu": {"xm": {}, "clu": {"detach": True}},  # the ablation's middle recipe: ViL-Seg without its vision contrast
     "vilseg+dense": {"xm": {}, "vis": {"weight": 0.5, "dim": 128, "hidden": 256}, "clu": {"detach": True},
                      "dense": {}},  # the scratch+dense recipe's stage (region distillation)
     "vilseg+pacl": {"xm": {}, "vis": {"weight": 0.5, "dim": 128, "hidden": 256}, "clu": {"detach": True},

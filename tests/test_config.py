@@ -33,7 +33,7 @@ def test_default_is_found_in_a_parent_folder(tmp_path):
     assert load_config(tmp_path / "sub" / "exp.yaml").train.steps == 20
 
 
-@pytest.mark.parametrize("name", ["demo", "demo_xm_only", "demo_no_cluster", "debug", "mmc/pretrain-debug",
+@pytest.mark.parametrize("name", ["demo", "ablation/xm-demo", "ablation/xm-clu-demo", "debug", "mmc/pretrain-debug",
                                   "mmc/pretrain-demo", "mmc/vilseg-demo", "mmc/vilseg-debug",
                                   "mmc/pretrain-vit-s16", "mmc/pretrain-vit-b16", "mmc/vilseg-vit-b16",
                                   "clip/vilseg-vit-b16", "clip/clipself-vit-b16", "clip/mmc-vit-b16",

@@ -2,8 +2,8 @@
 
     python -m vilseg.demo                       # full ViL-Seg, ~13 CPU-minutes of training
     python -m vilseg.demo --skip-train --naming pool   # the paper's read-out: clusters named by pooled patch embeddings
-    python -m vilseg.demo --config configs/demo_xm_only.yaml --grouping dense --out runs/demo_xm_only
-    python -m vilseg.demo --summarize runs/demo runs/demo_xm_only     # Markdown table of finished runs
+    python -m vilseg.demo --config configs/ablation/xm-demo.yaml --grouping merge --out runs/demo_xm
+    python -m vilseg.demo --summarize runs/demo runs/demo_xm          # Markdown table of finished runs
 
 Writes OUT/metrics.json (mIoU, per-class IoU; seen and held-out queries separately), OUT/overlays/*.png
 (image | prediction | ground truth) and OUT/train/ (config, checkpoints, TensorBoard logs, final model).
