@@ -7,7 +7,7 @@
 #                            the bundle fits the 64 MiB transfer limit; upcast back to fp32 on arrival
 # Usage (from the repository root on the GPU machine; OUT is where results go):
 #   bash benchmarks/gpu_session.sh bench            # benchmarks/train_step.py, bf16 and fp32
-#   bash benchmarks/gpu_session.sh seeds 3 4 5      # demo configuration, full ViL-Seg and xm-only, these seeds
+#   bash benchmarks/gpu_session.sh seeds 3 4 5      # recipes scratch (the demo), xm and xm+clu, these seeds
 #   bash benchmarks/gpu_session.sh clip             # a CLIP ViT-B-16's fine-tune steps (CLIP, ViL-Seg, CLIPSelf),
 #                                                   # bf16: step time and MFU (random weights: the cost is the same)
 set -euo pipefail
@@ -46,41 +46,16 @@ clip)
       --steps 30 --out "$OUT/train_step_gpu_clip_vitb16_bf16.json"
   ;;
 seeds)
-  # The demo's data (same generator and seed as `python -m vilseg.demo`), then every run in parallel.
-  python3 -m data_prep.synthetic --out "$DATA" --train "$N_TRAIN" --eval 300 > "$OUT/data.log" 2>&1
-  export OMP_NUM_THREADS=1
+  # The lab's recipes at equal compute on the demo's data (prepared by recipes.py as `python -m vilseg.demo` does):
+  # the demo (scratch) and the ablation of its parts (xm, xm+clu), these seeds, all in parallel; rows go to
+  # $OUT/results/*.csv beside docs/results/'s, to be merged by hand with the machine named.
   for seed in "$@"; do
-    python3 -m vilseg.demo --out "runs/gpu_full_s$seed" --data "$DATA" \
-        --train-samples "$N_TRAIN" "run.seed=$seed" $EXTRA > "$OUT/full_s$seed.log" 2>&1 &
-    python3 -m vilseg.demo --config configs/demo_xm_only.yaml --readout dense --out "runs/gpu_xm_s$seed" \
-        --data "$DATA" --train-samples "$N_TRAIN" "run.seed=$seed" $EXTRA > "$OUT/xm_s$seed.log" 2>&1 &
+    for recipe in scratch xm xm+clu; do
+      python3 benchmarks/recipes.py --recipe "$recipe" --seed "$seed" --data "$DATA" --train-samples "$N_TRAIN" \
+          --out runs/gpu_recipes --results "$OUT/results" $EXTRA > "$OUT/${recipe}_s$seed.log" 2>&1 &
+    done
   done
   wait
-  for seed in "$@"; do  # the full model's dense read-out as well
-    mkdir -p "runs/gpu_full_s${seed}__dense/train"
-    ln -sfn "$PWD/runs/gpu_full_s$seed/train/final" "runs/gpu_full_s${seed}__dense/train/final"
-    python3 -m vilseg.demo --skip-train --readout dense --out "runs/gpu_full_s${seed}__dense" \
-        --data "$DATA" --train-samples "$N_TRAIN" \
-        > "$OUT/full_dense_s$seed.log" 2>&1 &
-  done
-  wait
-  python3 - "$OUT" "$@" <<'EOF'
-import json, sys
-out, seeds = sys.argv[1], sys.argv[2:]
-rows = {}
-for s in seeds:
-    for name in (f"gpu_full_s{s}", f"gpu_full_s{s}__dense", f"gpu_xm_s{s}"):
-        m = json.load(open(f"runs/{name}/metrics.json"))
-        c = m["canonical"]
-        rows[name] = {"miou": c["miou"], "seen": m["seen_miou"], "heldout": m["heldout_pooled_miou"],
-                      "combos": m["heldout_combo_miou"], "bg": c["background_iou"],
-                      "synonym_miou": m["synonym_miou"], "text_ceiling": m["synonym_ceiling"],
-                      "calib_best": max(m["calibration_sweep"].values())}
-json.dump(rows, open(f"{out}/seeds_summary.json", "w"), indent=1)
-for k, r in rows.items():
-    print(k, " ".join(f"{a}={b:.1f}" if isinstance(b, float) else f"{a}={b}" for a, b in r.items()))
-EOF
-  tar -czf "$OUT/seed_metrics.tgz" runs/gpu_*/metrics.json runs/gpu_*/train/config.yaml runs/gpu_*/train/train_summary.json
   ;;
 *)
   echo "unknown phase $phase" >&2; exit 2 ;;

@@ -11,13 +11,16 @@ text features come from (``text_features``):
   go through the tower (what training without prepared shards costs in its first epoch);
 - ``tower``: a cache of one caption, so every caption and negative goes through the tower on every sighting.
 
+Every row is taken at each data-worker niceness of --worker-nice (``data.worker_nice``; 0 is the old behaviour, 19
+the CPU default) and in each --precision (bf16: ``train.mixed_precision=bf16``, against a bare step in bf16 too).
+
 The preparation's own cost is measured in the same run: ``data_prep text-features`` on --prep-shards (one shard
 by default) into a temporary folder, reported per sample and per 1000 training steps' worth of samples.
 
     python -m data_prep text-features --config configs/demo.yaml 'data/demo/train-{000000..000014}.tar' \\
         --out data/demo-text
     python benchmarks/train_loop.py --steps 60 --text-shards 'data/demo-text/train-{000000..000014}.tar' \\
-        --out benchmarks/results/train_loop_cpu.json
+        --precision fp32 bf16 --worker-nice 0 19 --out benchmarks/results/train_loop_cpu.json
 """
 from __future__ import annotations
 
@@ -33,10 +36,13 @@ import torch
 import train_step  # noqa: E402  (this folder is on sys.path when run as a script)
 
 
-def loop_row(config: str, shards: str, steps: int, source: str, bare_seconds: float) -> dict:
+def loop_row(config: str, shards: str, steps: int, source: str, bare_seconds: float, precision: str = "fp32",
+             worker_nice: int | None = None) -> dict:
     from vilseg.train import main as train_main
 
     extra = ["train.text_cache_size=1"] if source == "tower" else []
+    extra += [f"train.mixed_precision={'no' if precision == 'fp32' else precision}",
+              f"data.worker_nice={'null' if worker_nice is None else worker_nice}"]
     with tempfile.TemporaryDirectory() as tmp:
         start = time.time()
         train_main(["--config", config, f"run.dir={tmp}/run", f"data.shards={shards}", f"train.steps={steps}",
@@ -45,7 +51,8 @@ def loop_row(config: str, shards: str, steps: int, source: str, bare_seconds: fl
         summary = json.loads((Path(tmp) / "run" / "train_summary.json").read_text())
     loop = summary["seconds_per_step_after_warmup"]
     encode = summary["text_cache"]["encode_seconds"] / steps
-    return {"text_features": source, "shards": shards, "loop_step_seconds": loop,
+    return {"text_features": source, "precision": precision, "worker_nice": worker_nice, "shards": shards,
+            "bare_step_seconds": bare_seconds, "loop_step_seconds": loop,
             "loop_over_bare": round(loop / bare_seconds, 4), "feature_sources": summary["text_features"],
             "text_cache_hit_rate": summary["text_cache"]["hit_rate"],
             "text_encode_seconds_per_step": round(encode, 4),
@@ -76,27 +83,36 @@ def main(argv=None) -> dict:
                         help="shards the preparation cost is measured on")
     parser.add_argument("--sources", nargs="*", default=["shards", "cache", "tower"])
     parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--precision", nargs="+", choices=("fp32", "bf16"), default=["fp32"],
+                        help="one bare step and one set of loop rows per precision")
+    parser.add_argument("--worker-nice", nargs="+", type=int, default=[0, 19],
+                        help="the data worker's niceness (data.worker_nice): one loop row per value, side by side")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     from vilseg.training.config import load_config
 
     cfg = load_config(args.config)
-    bare_args = argparse.Namespace(model=cfg.model.name, batch=cfg.data.batch_size, n_local=cfg.data.n_local,
-                                   steps=20, warmup=3, precision="fp32", threads=torch.get_num_threads(),
-                                   negatives=bool(cfg.data.hard_negative_groups),
-                                   device="cuda" if torch.cuda.is_available() else "cpu")
     preparation = preparation_cost(args.config, args.prep_shards, cfg.data.batch_size) if args.prep_shards else None
-    bare = train_step.run_isolated(args.config, bare_args, spec=dict(cfg.objectives))
-    rows = []
-    for source in args.sources:
-        if source == "shards" and not args.text_shards:
-            continue
-        shards = args.text_shards if source == "shards" else args.shards
-        rows.append(loop_row(args.config, shards, args.steps, source, bare["seconds_per_step"]))
+    rows, bare_seconds = [], {}
+    for precision in args.precision:
+        bare_args = argparse.Namespace(model=cfg.model.name, batch=cfg.data.batch_size, n_local=cfg.data.n_local,
+                                       steps=20, warmup=3, precision=precision, threads=torch.get_num_threads(),
+                                       negatives=bool(cfg.data.hard_negative_groups),
+                                       device="cuda" if torch.cuda.is_available() else "cpu")
+        bare = train_step.run_isolated(args.config, bare_args, spec=dict(cfg.objectives))
+        bare_seconds[precision] = bare["seconds_per_step"]
+        for source in args.sources:
+            if source == "shards" and not args.text_shards:
+                continue
+            shards = args.text_shards if source == "shards" else args.shards
+            for nice in args.worker_nice:
+                rows.append(loop_row(args.config, shards, args.steps, source, bare["seconds_per_step"], precision,
+                                     nice))
+                print(json.dumps({k: rows[-1][k] for k in ("precision", "text_features", "worker_nice",
+                                                           "loop_over_bare")}), flush=True)
     result = {"config": args.config, "machine": platform.processor() or platform.machine(),
               "threads": torch.get_num_threads(), "torch": torch.__version__, "steps": args.steps,
-              "bare_step_seconds": bare["seconds_per_step"], "rows": rows,
-              "preparation": preparation}
+              "bare_step_seconds": bare_seconds, "rows": rows, "preparation": preparation}
     print(json.dumps(result, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))

@@ -9,6 +9,7 @@ subprocess, so its peak memory is its own: peak resident memory on CPU, peak all
 FLOPs utilisation is reported against the measured bf16 matmul rate (and --peak-tflops).
 
     python benchmarks/train_step.py --model vilseg-demo --batch 64 --steps 20 --out benchmarks/results/train_step_cpu.json
+    python benchmarks/train_step.py --precision fp32 bf16 --steps 20 --out benchmarks/results/train_step_cpu_bf16.json
     python benchmarks/train_step.py --model vilseg-vit-b16 --batch 128 --precision bf16 --device cuda
     python benchmarks/train_step.py --model clip-vit-b16 --sets clip vilseg clipself --batch 64 --precision bf16
 """
@@ -198,7 +199,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--negatives", action="store_true", help="add a hard-negative caption per image (the demo)")
     parser.add_argument("--sets", nargs="+", default=list(OBJECTIVE_SETS), choices=list(OBJECTIVE_SETS))
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--precision", nargs="+", choices=("fp32", "bf16"), default=["fp32"],
+                        help="one or more: every set runs in each, side by side in this run (bf16: torch.autocast)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="accelerator's dense bf16 peak (H100/H200)")
@@ -207,26 +209,34 @@ def main(argv=None) -> dict:
     if "clip" not in args.sets:
         args.sets = ["clip", *args.sets]
     device = torch.device(args.device)
-    results = {"model": args.model, "batch": args.batch, "n_local": args.n_local, "precision": args.precision,
+    precisions = list(dict.fromkeys(args.precision))
+    results = {"model": args.model, "batch": args.batch, "n_local": args.n_local, "precision": precisions,
                "device": str(device), "machine": platform.processor() or platform.machine(), "threads": args.threads,
                "torch": torch.__version__, "sets": {}}
     if device.type == "cuda":
         results["gpu"] = torch.cuda.get_device_name(device)
         results["measured_bf16_matmul_tflops"] = matmul_ceiling(device)
-    for name in args.sets:
-        results["sets"][name] = run_isolated(name, args)
-    clip = results["sets"]["clip"]
-    for name, r in results["sets"].items():
+    for precision in precisions:  # keys: the set's name in the first precision, "name@bf16" in the others
+        for name in args.sets:
+            key = name if precision == precisions[0] else f"{name}@{precision}"
+            results["sets"][key] = {"precision": precision,
+                                    **run_isolated(name, argparse.Namespace(**{**vars(args), "precision": precision}))}
+    for key, r in results["sets"].items():
+        name, precision = key.split("@")[0], r["precision"]
+        clip = results["sets"]["clip" if precision == precisions[0] else f"clip@{precision}"]
         r["time_ratio_to_clip"] = r["seconds_per_step"] / clip["seconds_per_step"]
         r["flop_ratio_to_clip"] = r["tflop_per_step"] / clip["tflop_per_step"]
         r["time_over_flop_ratio"] = r["time_ratio_to_clip"] / r["flop_ratio_to_clip"]
+        if precision != precisions[0]:  # the same set's step in the first precision over this one's
+            r[f"speedup_vs_{precisions[0]}"] = results["sets"][name]["seconds_per_step"] / r["seconds_per_step"]
         if device.type == "cuda":
             r["mfu_vs_peak"] = r["achieved_tflops"] / args.peak_tflops
             r["mfu_vs_measured_matmul"] = r["achieved_tflops"] / results["measured_bf16_matmul_tflops"]
-        print(f"{name:11s} {r['images_per_second']:8.1f} img/s  {r['seconds_per_step'] * 1e3:8.1f} ms/step  "
+        print(f"{key:16s} {r['images_per_second']:8.1f} img/s  {r['seconds_per_step'] * 1e3:8.1f} ms/step  "
               f"matmul share {r['matmul_time_share']:.0%}  "
               f"{r['tflop_per_step'] * 1e3:8.2f} GFLOP/step  peak {r['peak_memory_gib']:.2f} GiB  "
               f"time x{r['time_ratio_to_clip']:.2f} vs FLOPs x{r['flop_ratio_to_clip']:.2f} of the CLIP step"
+              + (f"  x{r[f'speedup_vs_{precisions[0]}']:.2f} vs {precisions[0]}" if precision != precisions[0] else "")
               + (f"  MFU {r['mfu_vs_measured_matmul']:.1%} of measured matmul" if device.type == "cuda" else ""))
     if args.out:
         with open(args.out, "w") as f:

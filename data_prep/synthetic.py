@@ -34,7 +34,9 @@ def write_train_shards(out: Path, n: int, per_shard: int, image_size: int, seed:
 
     world = SyntheticWorld("train", image_size=image_size, seed=seed)
     out.mkdir(parents=True, exist_ok=True)
-    with wds.ShardWriter(str(out / "train-%06d.tar"), maxcount=per_shard, verbose=0) as sink:
+    # an integer mtime: a float one makes tarfile add a pax header to every member, which doubles the headers that
+    # training parses (and a fixed one makes reruns byte-identical)
+    with wds.ShardWriter(str(out / "train-%06d.tar"), maxcount=per_shard, verbose=0, mtime=0) as sink:
         for i in tqdm(range(n), desc="train shards", unit="img", mininterval=2, disable=None):
             scene = world.scene(i)
             meta = {"index": i, "seed": seed, "objects": scene.objects, "source": "vilseg.synthetic"}

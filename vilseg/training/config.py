@@ -180,6 +180,7 @@ class DataSection(_Section):
     resampled: bool
     batch_size: int = Field(ge=1)
     num_workers: int = Field(ge=0)
+    worker_nice: int | None = Field(ge=0, le=19)
     shuffle_buffer: int = Field(ge=1)
     n_global: int = Field(ge=1)
     n_local: int = Field(ge=0)

@@ -16,8 +16,9 @@ from .config import flatten
 
 # What a training run writes into run.dir (vilseg/train.py, accelerate's logging dir, the atomic export's tmp folder)
 RUN_FILES = ("config.yaml", "checkpoints", "final", ".tmp-final", "train_summary.json", "init_report.json", "logs")
-# A resumed run may change how far it goes, and where its folder lives now, nothing else
-RESUMABLE_KEYS = frozenset({"train.steps", "train.stop_at", "run.dir"})
+# A resumed run may change how far it goes, where its folder lives now and its data workers' priority (none of which
+# changes what is trained), nothing else
+RESUMABLE_KEYS = frozenset({"train.steps", "train.stop_at", "run.dir", "data.worker_nice"})
 
 
 def run_files(run_dir: Path) -> list[str]:
