@@ -47,6 +47,7 @@ from vilseg.eval.probes import probe_synthetic
 
 RECIPES = {  # name -> training stages (configs), in order; the last stage's export is measured
     "scratch": ["configs/demo.yaml"],
+    "scratch_bf16": ["configs/demo.yaml train.mixed_precision=bf16"],  # the same in bf16 autocast (the budget, #30)
     "scratch+dense": ["configs/dense/vilseg-demo.yaml"],  # ViL-Seg with region distillation, one stage
     "scratch+pacl": ["configs/dense/vilseg-pacl-demo.yaml"],  # ViL-Seg with PACL's patch-aligned contrast
     "mmc": ["configs/mmc/pretrain-demo.yaml", "configs/mmc/vilseg-demo.yaml"],
@@ -73,18 +74,28 @@ PROBE_COLUMNS = ["recipe", "seed", "probe_shape_acc", "probe_colour_acc", "zeros
                  "cpu_minutes"]
 
 
-def stage_name(config: str) -> str:
+def split_stage(spec: str) -> tuple[str, list[str]]:
+    """A stage of :data:`RECIPES`: a config, optionally followed by its own ``key=value`` overrides
+    (``"configs/demo.yaml train.mixed_precision=bf16"``)."""
+    config, *overrides = spec.split()
+    return config, overrides
+
+
+def stage_name(spec: str) -> str:
     """A stage's name: its config's path under configs/, without the suffix ("mmc-pretrain-demo"), so that two
-    methods' configs of the same file name are never taken for one stage."""
+    methods' configs of the same file name are never taken for one stage; a stage's own overrides follow in
+    braces ("demo{train.mixed_precision=bf16}")."""
+    config, overrides = split_stage(spec)
     parts = Path(config).with_suffix("").parts
-    return "-".join(parts[parts.index("configs") + 1:] if "configs" in parts else parts[-1:])
+    name = "-".join(parts[parts.index("configs") + 1:] if "configs" in parts else parts[-1:])
+    return name + ("{" + ",".join(overrides) + "}" if overrides else "")
 
 
-def stage_steps(config: str, scale: float) -> int:
-    """A stage's optimizer steps at ``scale`` times its config's compute."""
+def stage_steps(spec: str, scale: float) -> int:
+    """A stage's optimizer steps at ``scale`` times its config's compute (its own overrides applied)."""
     from vilseg.training.config import load_config
 
-    return max(1, round(load_config(config).train.steps * scale))
+    return max(1, round(load_config(*split_stage(spec)).train.steps * scale))
 
 
 def train_stages(recipe: str, seed: int, pattern: str, root: Path, overrides: list[str],
@@ -103,12 +114,13 @@ def train_stages(recipe: str, seed: int, pattern: str, root: Path, overrides: li
     from vilseg.train import main as train_main
 
     previous, minutes, chain = None, 0.0, []
-    for config in RECIPES[recipe]:
-        chain.append(stage_name(config) + (f"@x{scale:g}" if scale != 1 else ""))
+    for spec in RECIPES[recipe]:
+        chain.append(stage_name(spec) + (f"@x{scale:g}" if scale != 1 else ""))
         run_dir = root / "stages" / "+".join(chain) / f"seed{seed}"
         done = run_dir / "minutes.json"
-        args = ["--config", config, f"run.dir={run_dir}", f"data.shards={pattern}", f"run.seed={seed}",
-                f"train.steps={stage_steps(config, scale)}", *overrides]
+        config, own = split_stage(spec)
+        args = ["--config", config, *own, f"run.dir={run_dir}", f"data.shards={pattern}", f"run.seed={seed}",
+                f"train.steps={stage_steps(spec, scale)}", *overrides]
         if previous is not None:
             args.append(f"model.init_from={previous}")
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -159,7 +171,7 @@ def check_stage_config(run_dir: Path, config: str, overrides: list[str]) -> None
 def has_text(recipe: str) -> bool:
     from vilseg.training.config import load_config
 
-    return "xm" in load_config(RECIPES[recipe][-1]).objectives
+    return "xm" in load_config(*split_stage(RECIPES[recipe][-1])).objectives
 
 
 def measure(model_dir: Path, data_dir: Path, out: Path, text: bool) -> dict:

@@ -152,3 +152,12 @@ def test_a_stage_folder_trained_with_another_config_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"train.steps: 1200 then, 600 now"):
         check_stage_config(tmp_path, "configs/demo.yaml", args[:3] + ["train.steps=600"])
     assert stage_steps("configs/demo.yaml", 2) == 1200 and stage_steps("configs/mmc/pretrain-demo.yaml", 4) == 800
+
+
+def test_a_stage_with_its_own_overrides_is_named_and_sized_by_them():
+    harness = _harness()
+    spec = "configs/demo.yaml train.mixed_precision=bf16 train.steps=50"
+    assert harness.split_stage(spec) == ("configs/demo.yaml", ["train.mixed_precision=bf16", "train.steps=50"])
+    assert harness.stage_name(spec) == "demo{train.mixed_precision=bf16,train.steps=50}"
+    assert harness.stage_steps(spec, 2) == 100
+    assert harness.stage_name(harness.RECIPES["scratch_bf16"][0]) != harness.stage_name(harness.RECIPES["scratch"][0])
