@@ -163,7 +163,11 @@ def measure(name: str, args, spec: dict | None = None) -> dict:
 
 
 def _child(name, args, spec, queue):
-    queue.put(measure(name, args, spec))
+    try:
+        queue.put(measure(name, args, spec))
+    except BaseException as exn:  # the parent waits on the queue: tell it, rather than leave it waiting forever
+        queue.put(RuntimeError(f"set {name!r}: {type(exn).__name__}: {exn}"))
+        raise
 
 
 def run_isolated(name: str, args, spec: dict | None = None) -> dict:
@@ -174,6 +178,8 @@ def run_isolated(name: str, args, spec: dict | None = None) -> dict:
     proc.start()
     result = queue.get()
     proc.join()
+    if isinstance(result, Exception):
+        raise result
     return result
 
 
@@ -198,7 +204,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--negatives", action="store_true", help="add a hard-negative caption per image (the demo)")
-    parser.add_argument("--sets", nargs="+", default=list(OBJECTIVE_SETS), choices=list(OBJECTIVE_SETS))
+    parser.add_argument("--sets", nargs="+", default=None, choices=list(OBJECTIVE_SETS),
+                        help="default: every set the model can train (clipself only for a model started from a CLIP)")
     parser.add_argument("--precision", nargs="+", choices=("fp32", "bf16"), default=["fp32"],
                         help="one or more: every set runs in each, side by side in this run (bf16: torch.autocast)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -206,6 +213,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="accelerator's dense bf16 peak (H100/H200)")
     parser.add_argument("--out", default=None, help="write the JSON result here")
     args = parser.parse_args(argv)
+    if args.sets is None:
+        from vilseg.models.factory import get_model_config
+
+        from_clip = bool(get_model_config(args.model).get("clip"))
+        args.sets = [s for s in OBJECTIVE_SETS if s != "clipself" or from_clip]
     if "clip" not in args.sets:
         args.sets = ["clip", *args.sets]
     device = torch.device(args.device)

@@ -94,3 +94,10 @@ def test_an_experiment_file_outside_configs_layers_on_the_repository_default(tmp
     (tmp_path / "exp" / "my.yaml").write_text("train: {steps: 7}\n")
     cfg = validate_training_config(load_config(tmp_path / "exp" / "my.yaml"))
     assert cfg.train.steps == 7 and cfg.model.name == "vilseg-demo"
+
+
+def test_mixed_precision_no_given_unquoted_on_the_command_line_means_no():
+    from vilseg.training.config import validate_training_config
+
+    cfg = validate_training_config(load_config("configs/demo.yaml", ["train.mixed_precision=no"]))
+    assert cfg.train.mixed_precision == "no"

@@ -130,7 +130,7 @@ def flatten(cfg: dict, prefix: str = "") -> dict[str, Any]:
 
 from typing import Annotated, Literal  # noqa: E402
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError  # noqa: E402
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator  # noqa: E402
 
 Fraction = Field(ge=0.0, le=1.0)
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -221,6 +221,12 @@ class TrainSection(_Section):
     text_subspace: float | None = Field(gt=0, le=1)
     text_subspace_captions: int = Field(ge=2)
     stop_at: int | None = Field(ge=1)
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _no_is_a_word(cls, value):
+        """YAML reads an unquoted ``no`` (``train.mixed_precision=no``) as false: it means "no"."""
+        return "no" if value is False else value
 
 
 class TrainingConfig(_Section):
