@@ -64,10 +64,15 @@ ORACLES = {"oracle": "factorised", "oracle16": "joint"}  # supervised yardsticks
 BUDGET = 600  # every recipe at --scale 1 costs what 600 ViL-Seg demo steps cost (FLOPs, docs/results.md)
 HELDOUT_PARTS = ["miou_heldout_combo", "miou_heldout_combo_pool", "miou_synonym", "miou_synonym_pool",
                  "synonym_ceiling"]  # held-out in its two parts (issue #30); empty in rows measured before them
+# how a row was measured: MEASURED today; rows of models that were not kept say what they lack (LEGACY)
+MEASURED = "reference-centred scores"
+LEGACY = "list-centred scores, no held-out parts (before ce088a4; model not kept)"
+SUPERVISED = "supervised oracle (no text side)"
 SCALING_COLUMNS = ["recipe", "seed", "budget", "steps", "miou_seen", "miou_heldout", "miou_seen_pool",
-                   "miou_heldout_pool", "patch_shape_acc", "cpu_minutes", *HELDOUT_PARTS]
+                   "miou_heldout_pool", "patch_shape_acc", "cpu_minutes", *HELDOUT_PARTS, "measured_with"]
 BACKBONE_COLUMNS = ["recipe", "seed", "miou_seen", "miou_heldout", "miou_seen_pool", "miou_heldout_pool",
-                    "patch_shape_acc", "prompt_patch_miou", "intra_inter_overlap", "cpu_minutes", *HELDOUT_PARTS]
+                    "patch_shape_acc", "prompt_patch_miou", "intra_inter_overlap", "cpu_minutes", *HELDOUT_PARTS,
+                    "measured_with"]
 READOUT_COLUMNS = ["recipe", "seed", "readout", "calib_miou", "threshold", "miou_seen", "miou_heldout"]
 PROBE_COLUMNS = ["recipe", "seed", "probe_shape_acc", "probe_colour_acc", "zeroshot_object_shape_acc",
                  "prompt_patch_miou", "prompt_patch_miou_random", "intra_inter_overlap", "intra_inter_auc",
@@ -268,7 +273,7 @@ def rows(recipe: str, seed: int, report: dict, minutes: float) -> tuple[dict | N
                 "cpu_minutes": minutes,
                 "miou_heldout_combo": demo_r["heldout_combo_miou"], "miou_heldout_combo_pool": pool_r["heldout_combo_miou"],
                 "miou_synonym": demo_r["synonym_miou"], "miou_synonym_pool": pool_r["synonym_miou"],
-                "synonym_ceiling": demo_r["synonym_ceiling"]}
+                "synonym_ceiling": demo_r["synonym_ceiling"], "measured_with": MEASURED}
     return backbone, probe
 
 
@@ -278,7 +283,7 @@ def oracle_row(recipe: str, seed: int, report: dict) -> dict:
     apply either)."""
     e = report["eval"]
     return {"recipe": recipe, "seed": seed, "miou_seen": e["seen_miou"], "miou_heldout_combo": e["heldout_combo_miou"],
-            "cpu_minutes": report["cpu_minutes"], "steps": report["steps"]}
+            "cpu_minutes": report["cpu_minutes"], "steps": report["steps"], "measured_with": SUPERVISED}
 
 
 def append_row(path: Path, columns: list[str], row: dict, key: tuple[str, ...] = ("recipe", "seed")) -> None:
@@ -320,7 +325,7 @@ def summarize(path: Path) -> str:
     every column."""
     with path.open() as f:
         table = list(csv.DictReader(f))
-    keys = [k for k in ("recipe", "readout") if k in table[0]]
+    keys = [k for k in ("recipe", "readout", "measured_with") if k in table[0]]
     columns = [c for c in table[0] if c not in (*keys, "seed")]
     lines = [f"| {' | '.join(keys)} | seeds | " + " | ".join(columns) + " |", "|---" * (len(columns) + len(keys) + 1) + "|"]
     for group_key in dict.fromkeys(tuple(r[k] for k in keys) for r in table):

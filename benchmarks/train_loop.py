@@ -31,13 +31,40 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import train_step  # noqa: E402  (this folder is on sys.path when run as a script)
 
 
+def _loop_child(queue, *args) -> None:
+    try:
+        queue.put(_loop_row(*args))
+    except BaseException as exn:  # never leave the parent waiting
+        queue.put(RuntimeError(f"loop row {args[3:]}: {type(exn).__name__}: {exn}"))
+        raise
+
+
 def loop_row(config: str, shards: str, steps: int, source: str, bare_seconds: float, precision: str = "fp32",
              worker_nice: int | None = None) -> dict:
+    """One loop row in a fresh process: accelerate's state (its precision above all) is one per process, and every
+    row then starts alike."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_loop_child, args=(queue, config, shards, steps, source, bare_seconds, precision,
+                                                 worker_nice))
+    proc.start()
+    row = queue.get()
+    proc.join()
+    if isinstance(row, Exception):
+        raise row
+    return row
+
+
+def _loop_row(config: str, shards: str, steps: int, source: str, bare_seconds: float, precision: str = "fp32",
+              worker_nice: int | None = None) -> dict:
     from vilseg.train import main as train_main
 
     extra = ["train.text_cache_size=1"] if source == "tower" else []
@@ -87,32 +114,47 @@ def main(argv=None) -> dict:
                         help="one bare step and one set of loop rows per precision")
     parser.add_argument("--worker-nice", nargs="+", type=int, default=[0, 19],
                         help="the data worker's niceness (data.worker_nice): one loop row per value, side by side")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="measure the bare step and every loop row this many times, in turn, each in a fresh "
+                             "process; each repeat's ratios use its own bare step, and the medians are reported")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     from vilseg.training.config import load_config
 
     cfg = load_config(args.config)
     preparation = preparation_cost(args.config, args.prep_shards, cfg.data.batch_size) if args.prep_shards else None
-    rows, bare_seconds = [], {}
-    for precision in args.precision:
-        bare_args = argparse.Namespace(model=cfg.model.name, batch=cfg.data.batch_size, n_local=cfg.data.n_local,
-                                       steps=20, warmup=3, precision=precision, threads=torch.get_num_threads(),
-                                       negatives=bool(cfg.data.hard_negative_groups),
-                                       device="cuda" if torch.cuda.is_available() else "cpu")
-        bare = train_step.run_isolated(args.config, bare_args, spec=dict(cfg.objectives))
-        bare_seconds[precision] = bare["seconds_per_step"]
-        for source in args.sources:
-            if source == "shards" and not args.text_shards:
-                continue
-            shards = args.text_shards if source == "shards" else args.shards
-            for nice in args.worker_nice:
-                rows.append(loop_row(args.config, shards, args.steps, source, bare["seconds_per_step"], precision,
-                                     nice))
-                print(json.dumps({k: rows[-1][k] for k in ("precision", "text_features", "worker_nice",
-                                                           "loop_over_bare")}), flush=True)
+    trials, bare_seconds = [], {p: [] for p in args.precision}
+    for repeat in range(args.repeats):  # in turn, so that a drift of the machine's speed hits every row alike
+        for precision in args.precision:
+            bare_args = argparse.Namespace(model=cfg.model.name, batch=cfg.data.batch_size, n_local=cfg.data.n_local,
+                                           steps=20, warmup=3, precision=precision, threads=torch.get_num_threads(),
+                                           negatives=bool(cfg.data.hard_negative_groups), time_only=True,
+                                           device="cuda" if torch.cuda.is_available() else "cpu")
+            bare = train_step.run_isolated(args.config, bare_args, spec=dict(cfg.objectives))
+            bare_seconds[precision].append(bare["seconds_per_step"])
+            for source in args.sources:
+                if source == "shards" and not args.text_shards:
+                    continue
+                shards = args.text_shards if source == "shards" else args.shards
+                for nice in args.worker_nice:
+                    trials.append({"repeat": repeat, **loop_row(args.config, shards, args.steps, source,
+                                                                bare["seconds_per_step"], precision, nice)})
+                    print(json.dumps({k: trials[-1][k] for k in ("repeat", "precision", "text_features",
+                                                                 "worker_nice", "loop_over_bare")}), flush=True)
+    rows = []  # one per (precision, source, niceness): the medians over the repeats
+    for key in dict.fromkeys((t["precision"], t["text_features"], t["worker_nice"]) for t in trials):
+        group = [t for t in trials if (t["precision"], t["text_features"], t["worker_nice"]) == key]
+        rows.append({**group[0], **{k: float(np.median([t[k] for t in group])) for k in
+                                    ("bare_step_seconds", "loop_step_seconds", "loop_over_bare",
+                                     "loop_over_bare_without_text_encoding")},
+                     "loop_over_bare_trials": [t["loop_over_bare"] for t in group]})
+        rows[-1].pop("repeat")
+        print(json.dumps({k: rows[-1][k] for k in ("precision", "text_features", "worker_nice", "loop_step_seconds",
+                                                   "loop_over_bare", "loop_over_bare_trials")}), flush=True)
     result = {"config": args.config, "machine": platform.processor() or platform.machine(),
               "threads": torch.get_num_threads(), "torch": torch.__version__, "steps": args.steps,
-              "bare_step_seconds": bare_seconds, "rows": rows, "preparation": preparation}
+              "repeats": args.repeats, "bare_step_seconds": {p: float(np.median(v)) for p, v in bare_seconds.items()},
+              "bare_step_seconds_trials": bare_seconds, "rows": rows, "trials": trials, "preparation": preparation}
     print(json.dumps(result, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))

@@ -149,14 +149,14 @@ def measure(name: str, args, spec: dict | None = None) -> dict:
         sync(device)
         times.append(time.perf_counter() - start)
     seconds = float(np.median(times))
-    with FlopCounterMode(display=False) as counter:
-        step()
     out = {"seconds_per_step": seconds, "seconds_per_step_spread": [float(np.min(times)), float(np.max(times))],
-           "images_per_second": args.batch / seconds,
-           "tflop_per_step": counter.get_total_flops() / 1e12, "matmul_time_share": matmul_share(step, device)}
+           "images_per_second": args.batch / seconds}
+    if not getattr(args, "time_only", False):
+        with FlopCounterMode(display=False) as counter:
+            step()
+        out.update(tflop_per_step=counter.get_total_flops() / 1e12, matmul_time_share=matmul_share(step, device))
     if device.type == "cuda":
         out["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
-        out["achieved_tflops"] = out["tflop_per_step"] / seconds
     else:  # ru_maxrss is in KiB on Linux
         out["peak_memory_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     return out
@@ -211,6 +211,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="accelerator's dense bf16 peak (H100/H200)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="time every (set, precision) in this many fresh processes, the precisions alternating, "
+                             "and report the median: CPU step times drift by up to ~15%% within a run")
     parser.add_argument("--out", default=None, help="write the JSON result here")
     args = parser.parse_args(argv)
     if args.sets is None:
@@ -228,11 +231,22 @@ def main(argv=None) -> dict:
     if device.type == "cuda":
         results["gpu"] = torch.cuda.get_device_name(device)
         results["measured_bf16_matmul_tflops"] = matmul_ceiling(device)
-    for precision in precisions:  # keys: the set's name in the first precision, "name@bf16" in the others
-        for name in args.sets:
-            key = name if precision == precisions[0] else f"{name}@{precision}"
-            results["sets"][key] = {"precision": precision,
-                                    **run_isolated(name, argparse.Namespace(**{**vars(args), "precision": precision}))}
+    # keys: the set's name in the first precision, "name@bf16" in the others; with --repeats, each set's precisions
+    # alternate (fp32, bf16, fp32, bf16, ...) so that a drift of the machine's speed hits both alike
+    for name in args.sets:
+        for repeat in range(args.repeats):
+            for precision in precisions:
+                key = name if precision == precisions[0] else f"{name}@{precision}"
+                trial = run_isolated(name, argparse.Namespace(**{**vars(args), "precision": precision,
+                                                                 "time_only": repeat > 0}))
+                if repeat == 0:
+                    results["sets"][key] = {"precision": precision, **trial, "trials_seconds_per_step": []}
+                results["sets"][key]["trials_seconds_per_step"].append(trial["seconds_per_step"])
+    for r in results["sets"].values():
+        r["seconds_per_step"] = float(np.median(r["trials_seconds_per_step"]))
+        r["images_per_second"] = args.batch / r["seconds_per_step"]
+        if device.type == "cuda":
+            r["achieved_tflops"] = r["tflop_per_step"] / r["seconds_per_step"]
     for key, r in results["sets"].items():
         name, precision = key.split("@")[0], r["precision"]
         clip = results["sets"]["clip" if precision == precisions[0] else f"clip@{precision}"]

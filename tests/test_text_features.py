@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from vilseg import train
 
@@ -91,6 +92,17 @@ def test_training_reads_the_stored_features_and_never_runs_the_tower(prepared, t
                 f"data.shards={root / 'plain'}/train-{{000000..000001}}.tar"])
     plain = json.loads((tmp_path / "plain" / "train_summary.json").read_text())
     assert plain["text_features"]["shards"] == 0 and plain["text_features"]["tower"] > 0
+
+
+def test_bf16_training_reads_the_stored_float16_features_after_an_fp32_run_in_the_same_process(prepared, tmp_path):
+    root, config, _ = prepared
+    for precision in ("no", "bf16"):  # one process, two precisions: accelerate's state is renewed per run
+        train.main(["--config", config, f"run.dir={tmp_path / precision}", f"train.mixed_precision={precision}",
+                    f"data.shards={root / 'text'}/train-{{000000..000001}}.tar"])
+        summary = json.loads((tmp_path / precision / "train_summary.json").read_text())
+        assert summary["text_features"] == {"shards": 32, "cache": 0, "tower": 0}
+        saved = yaml.safe_load((tmp_path / precision / "config.yaml").read_text())
+        assert saved["train"]["mixed_precision"] == precision
 
 
 def test_stream_takes_the_stored_feature_and_negative_of_the_drawn_caption(prepared):

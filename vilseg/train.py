@@ -242,8 +242,13 @@ def to_device(batch: dict, device) -> dict:
 def make_accelerator(cfg, run_dir: Path):
     """The one place where precision and distribution are decided (with accelerate's launcher and config)."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import ProjectConfiguration
 
+    # accelerate keeps one state per process and refuses another precision in it: a second run in this process (the
+    # next stage of a recipe, a test) may use another precision. The process group (PartialState) is kept. accelerate
+    # has no public call for this; _reset_state is what its own tests use.
+    AcceleratorState._reset_state(reset_partial_state=False)
     # Without an accelerator, ask for CPU explicitly: under a multi-process launch accelerate then forms a gloo
     # group (MULTI_CPU) instead of leaving every process on its own.
     no_accelerator = not (torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())

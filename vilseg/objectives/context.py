@@ -94,9 +94,10 @@ class StepContext:
         negatives = list(self.batch.get("neg_captions") or [])
         stored = None
         if "text_features" in self.batch:  # from the shards, where they held this tower's features
-            stored = (self.batch["text_features"], self.batch["text_features_ok"])
+            # stored as float16; float32 here (bf16 autocast on the CPU cannot concatenate float16 tensors)
+            stored = (self.batch["text_features"].float(), self.batch["text_features_ok"])
             if negatives:
-                stored = (torch.cat([stored[0], self.batch["neg_text_features"]]),
+                stored = (torch.cat([stored[0], self.batch["neg_text_features"].float()]),
                           torch.cat([stored[1], self.batch["neg_text_features_ok"]]))
         feats = self.learner.text_features(captions + negatives, stored)
         embed = self.model.embed_text_features(feats)
