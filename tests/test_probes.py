@@ -121,14 +121,17 @@ def test_recipe_rows_replace_their_seed_and_summarize(tmp_path):
     BACKBONE_COLUMNS, append_row, summarize = harness.BACKBONE_COLUMNS, harness.append_row, harness.summarize
 
     path = tmp_path / "b.csv"
-    row = {c: 1.0 for c in BACKBONE_COLUMNS} | {"recipe": "scratch", "seed": 0}
+    row = {c: 1.0 for c in BACKBONE_COLUMNS} | {"recipe": "scratch", "seed": 0, "measured_with": harness.LEGACY}
     append_row(path, BACKBONE_COLUMNS, row)
-    append_row(path, BACKBONE_COLUMNS, row | {"seed": 1, "miou_seen": 3.0})
-    append_row(path, BACKBONE_COLUMNS, row | {"seed": 0, "miou_seen": 5.0})  # a re-run replaces its row
+    append_row(path, BACKBONE_COLUMNS, row | {"seed": 1, "miou_seen": 3.0, "measured_with": harness.MEASURED})
+    append_row(path, BACKBONE_COLUMNS, row | {"seed": 0, "miou_seen": 5.0, "measured_with": harness.MEASURED})  # re-run
     with path.open() as f:
         table = list(csv.DictReader(f))
     assert [(r["seed"], r["miou_seen"]) for r in table] == [("0", "5.00"), ("1", "3.00")]  # sorted by seed
-    assert "| scratch | 2 | **4.0** (3.0-5.0) |" in summarize(path)
+    assert f"| scratch | {harness.MEASURED} | 2 | **4.0** (3.0-5.0) |" in summarize(path)
+    # rows measured another way are never averaged with today's
+    append_row(path, BACKBONE_COLUMNS, row | {"seed": 2, "miou_seen": 9.0})
+    assert f"| scratch | {harness.LEGACY} | 1 | 9.0 |" in summarize(path)
 
 
 def test_stage_names_keep_two_methods_configs_of_one_file_name_apart():
