@@ -154,7 +154,8 @@ def test_a_stage_folder_trained_with_another_config_is_refused(tmp_path):
     check_stage_config(tmp_path, "configs/demo.yaml", args)  # the same settings: reused or resumed
     with pytest.raises(ValueError, match=r"train.steps: 1200 then, 600 now"):
         check_stage_config(tmp_path, "configs/demo.yaml", args[:3] + ["train.steps=600"])
-    assert stage_steps("configs/demo.yaml", 2) == 1200 and stage_steps("configs/mmc/pretrain-demo.yaml", 4) == 800
+    assert stage_steps("configs/demo.yaml train.steps=600", 2) == 1200
+    assert stage_steps("configs/mmc/pretrain-demo.yaml", 4) == 800
 
 
 def test_a_stage_with_its_own_overrides_is_named_and_sized_by_them():
