@@ -6,9 +6,13 @@
     python benchmarks/recipes.py --recipe maskco --seed 0       # MaskCo pretraining, then ViL-Seg on its encoder
     python benchmarks/recipes.py --recipe slotcon --seed 0      # SlotCon pretraining, then ViL-Seg on its encoder
     python benchmarks/recipes.py --recipe slotcon_only --seed 0 # SlotCon's slots as the grouping, named by text
+    python benchmarks/recipes.py --recipe xm --seed 0           # the ablation: xm alone, xm+clu, (scratch: xm+vis+clu)
+    python benchmarks/recipes.py --recipe oracle --seed 0       # the yardstick: pixel labels, same encoder and FLOPs
+    python benchmarks/recipes.py --recipe demo --seed 0         # the demo as it ships (bf16, 720 steps)
     python benchmarks/recipes.py --recipe scratch --seed 0 --scale 2   # the same recipe at twice the compute
     python benchmarks/recipes.py --recipe scratch --seed 0 --readouts  # every candidate read-out (readouts.csv)
-    python benchmarks/recipes.py --summarize                    # Markdown table (means and spreads) of the CSVs
+    python benchmarks/recipes.py --summarize                    # Markdown tables (means and spreads) of the CSVs,
+                                                                # and every recipe as a share of the oracle
     python benchmarks/recipes.py --probe runs/x/final --split calib   # encoder probes of any model on one split
 
 A recipe is a list of training stages (configs); stage k+1 starts from stage k's exported image encoder. The
