@@ -37,30 +37,11 @@ import torch
 import train_step  # noqa: E402  (this folder is on sys.path when run as a script)
 
 
-def _loop_child(queue, *args) -> None:
-    try:
-        queue.put(_loop_row(*args))
-    except BaseException as exn:  # never leave the parent waiting
-        queue.put(RuntimeError(f"loop row {args[3:]}: {type(exn).__name__}: {exn}"))
-        raise
-
-
 def loop_row(config: str, shards: str, steps: int, source: str, bare_seconds: float, precision: str = "fp32",
              worker_nice: int | None = None) -> dict:
     """One loop row in a fresh process: accelerate's state (its precision above all) is one per process, and every
     row then starts alike."""
-    import multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_loop_child, args=(queue, config, shards, steps, source, bare_seconds, precision,
-                                                 worker_nice))
-    proc.start()
-    row = queue.get()
-    proc.join()
-    if isinstance(row, Exception):
-        raise row
-    return row
+    return train_step.in_fresh_process(_loop_row, config, shards, steps, source, bare_seconds, precision, worker_nice)
 
 
 def _loop_row(config: str, shards: str, steps: int, source: str, bare_seconds: float, precision: str = "fp32",

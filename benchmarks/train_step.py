@@ -162,25 +162,31 @@ def measure(name: str, args, spec: dict | None = None) -> dict:
     return out
 
 
-def _child(name, args, spec, queue):
+def _call_child(fn, args, queue):
     try:
-        queue.put(measure(name, args, spec))
+        queue.put(fn(*args))
     except BaseException as exn:  # the parent waits on the queue: tell it, rather than leave it waiting forever
-        queue.put(RuntimeError(f"set {name!r}: {type(exn).__name__}: {exn}"))
+        queue.put(RuntimeError(f"{fn.__name__}{args!r}: {type(exn).__name__}: {exn}"))
         raise
 
 
-def run_isolated(name: str, args, spec: dict | None = None) -> dict:
-    """:func:`measure` in a fresh process (its peak memory is then its own); ``spec`` overrides the named set."""
+def in_fresh_process(fn, *args):
+    """``fn(*args)`` in a fresh (spawned) process, its result returned and its exception raised here: peak memory,
+    threads and accelerate's per-process state are then the call's own. ``fn`` must be a module-level function."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(name, args, spec, queue))
+    proc = ctx.Process(target=_call_child, args=(fn, args, queue))
     proc.start()
     result = queue.get()
     proc.join()
     if isinstance(result, Exception):
         raise result
     return result
+
+
+def run_isolated(name: str, args, spec: dict | None = None) -> dict:
+    """:func:`measure` in a fresh process (its peak memory is then its own); ``spec`` overrides the named set."""
+    return in_fresh_process(measure, name, args, spec)
 
 
 def matmul_ceiling(device, n: int = 8192, repeats: int = 10) -> float:
