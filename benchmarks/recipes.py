@@ -79,7 +79,10 @@ SCALING_COLUMNS = ["recipe", "seed", "budget", "steps", "miou_seen", "miou_heldo
 BACKBONE_COLUMNS = ["recipe", "seed", "miou_seen", "miou_heldout", "miou_seen_pool", "miou_heldout_pool",
                     "patch_shape_acc", "prompt_patch_miou", "intra_inter_overlap", "cpu_minutes", *HELDOUT_PARTS,
                     "measured_with"]
-READOUT_COLUMNS = ["recipe", "seed", "readout", "calib_miou", "threshold", "miou_seen", "miou_heldout"]
+READOUT_COLUMNS = ["recipe", "seed", "readout", "calib_miou", "threshold", "miou_seen", "miou_heldout",
+                   "miou_heldout_combo", "miou_synonym", "synonym_ceiling", "measured_with"]
+# settings that change how a run is kept or scheduled, not what it trains: a stage trained under other values is reused
+HOUSEKEEPING = ("run.dir", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every", "data.worker_nice")
 PROBE_COLUMNS = ["recipe", "seed", "probe_shape_acc", "probe_colour_acc", "zeroshot_object_shape_acc",
                  "prompt_patch_miou", "prompt_patch_miou_random", "intra_inter_overlap", "intra_inter_auc",
                  "cpu_minutes"]
@@ -172,8 +175,8 @@ def check_stage_config(run_dir: Path, config: str, overrides: list[str]) -> None
     old = flatten(yaml.safe_load(saved.read_text()))
     new = flatten(validate_training_config(load_config(config, overrides)))
     # keys the schema gained after that run are left out: their defaults keep the behaviour it had; where the folder
-    # is (run.dir) does not change what was trained, so a stage folder may be moved
-    keys = sorted(k for k in old if str(old[k]) != str(new.get(k)) and k != "run.dir")
+    # is (run.dir), how often it checkpointed or logged, and its workers' priority do not change what was trained
+    keys = sorted(k for k in old if str(old[k]) != str(new.get(k)) and k not in HOUSEKEEPING)
     if keys:
         shown = "; ".join(f"{k}: {old.get(k)!r} then, {new.get(k)!r} now" for k in keys[:6])
         raise ValueError(f"{run_dir} was trained with another config ({shown}); delete it or pass another --out")
@@ -225,7 +228,9 @@ def measure_readouts(model_dir: Path, data_dir: Path, out: Path) -> list[dict]:
         key = demo.readout_key(grouping, naming, blocks)
         report = demo.evaluate_model(model_dir, data_dir, out / "readouts" / key, 0, grouping, naming, blocks=blocks)
         rows_.append({"readout": key, "calib_miou": report["calibration"]["miou"], "threshold": report["bg_threshold"],
-                      "miou_seen": report["seen_miou"], "miou_heldout": report["heldout_pooled_miou"]})
+                      "miou_seen": report["seen_miou"], "miou_heldout": report["heldout_pooled_miou"],
+                      "miou_heldout_combo": report["heldout_combo_miou"], "miou_synonym": report["synonym_miou"],
+                      "synonym_ceiling": report["synonym_ceiling"], "measured_with": MEASURED})
         print(json.dumps(rows_[-1]), flush=True)
     return rows_
 

@@ -154,6 +154,8 @@ def test_a_stage_folder_trained_with_another_config_is_refused(tmp_path):
     check_stage_config(tmp_path, "configs/demo.yaml", args)  # the same settings: reused or resumed
     with pytest.raises(ValueError, match=r"train.steps: 1200 then, 600 now"):
         check_stage_config(tmp_path, "configs/demo.yaml", args[:3] + ["train.steps=600"])
+    # how often it checkpointed, and its workers' priority, do not change what was trained: the stage is reused
+    check_stage_config(tmp_path, "configs/demo.yaml", args + ["train.checkpoint_every=7", "data.worker_nice=3"])
     assert stage_steps("configs/demo.yaml train.steps=600", 2) == 1200
     assert stage_steps("configs/mmc/pretrain-demo.yaml", 4) == 800
 
