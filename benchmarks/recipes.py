@@ -428,7 +428,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--scale", type=float, default=1.0,
                         help="every stage's steps times this (the compute-scaling curve; rows go to scaling.csv)")
     parser.add_argument("--scaling-row", action="store_true",
-                        help="write the row to scaling.csv even at --scale 1 (the curve's first point)")
+                        help="at --scale 1, write the row to scaling.csv as well as backbones.csv (the curve's first point)")
     parser.add_argument("--skip-train", action="store_true", help="measure OUT/<recipe>/seed<seed>'s last export")
     parser.add_argument("--readouts", action="store_true",
                         help="measure every candidate read-out of the recipe's model instead (rows to readouts.csv)")
@@ -475,7 +475,7 @@ def main(argv: list[str] | None = None) -> dict:
             append_row(args.results / "scaling.csv", SCALING_COLUMNS,
                        {c: row.get(c, "") for c in SCALING_COLUMNS} | {"budget": round(BUDGET * args.scale)},
                        key=("recipe", "seed", "budget"))
-        else:
+        if args.scale == 1:
             append_row(args.results / "backbones.csv", BACKBONE_COLUMNS, {c: row.get(c, "") for c in BACKBONE_COLUMNS})
         print(json.dumps(row))
         return report
@@ -512,7 +512,8 @@ def main(argv: list[str] | None = None) -> dict:
         append_row(args.results / "scaling.csv", SCALING_COLUMNS,
                    {c: row.get(c, probe.get(c)) for c in SCALING_COLUMNS}, key=("recipe", "seed", "budget"))
         print(json.dumps(row, indent=1))
-        return report
+        if args.scale != 1:
+            return report
     if backbone is not None:
         append_row(args.results / "backbones.csv", BACKBONE_COLUMNS, backbone)
     append_row(args.results / "probes.csv", PROBE_COLUMNS, probe)
