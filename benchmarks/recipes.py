@@ -331,6 +331,15 @@ def _append_row(path: Path, columns: list[str], row: dict, key: tuple[str, ...])
     tmp.replace(path)
 
 
+def mean_spread(values, digits: int = 1, bold: bool = False) -> str:
+    """``mean (min-max)`` of the values (``mean`` alone for one value), the mean in bold if asked."""
+    values = np.asarray(values, dtype=float)
+    mean, low, high = (f"{v:.{digits}f}" for v in (values.mean(), values.min(), values.max()))
+    if len(values) == 1:
+        return mean
+    return f"{'**' + mean + '**' if bold else mean} ({low}-{high})"
+
+
 def summarize(path: Path) -> str:
     """Markdown table: per recipe (and read-out, in readouts.csv), the mean and the spread (min-max) over seeds of
     every column."""
@@ -348,9 +357,7 @@ def summarize(path: Path) -> str:
                 cells.append("-")
                 continue
             digits = 2 if np.nanmax(np.abs(values)) < 2 else 1  # AUCs and the like
-            values = values[~np.isnan(values)]
-            mean, low, high = (f"{v:.{digits}f}" for v in (values.mean(), values.min(), values.max()))
-            cells.append(f"**{mean}** ({low}-{high})" if len(values) > 1 else mean)
+            cells.append(mean_spread(values[~np.isnan(values)], digits, bold=True))
         lines.append(f"| {' | '.join(group_key)} | {len(group)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -373,7 +380,7 @@ def yardstick(path: Path, oracle: str = "oracle") -> str:
         if not rows_:
             continue
         seen, combo = mean(rows_, "miou_seen"), mean(rows_, "miou_heldout_combo")
-        spread = lambda c: f"{mean(rows_, c):.1f} ({min(float(r[c]) for r in rows_):.1f}-{max(float(r[c]) for r in rows_):.1f})"  # noqa: E501,E731
+        spread = lambda c: mean_spread([float(r[c]) for r in rows_ if r.get(c) not in ("", None)])  # noqa: E731
         synonyms = (f"{spread('miou_synonym')} ({mean(rows_, 'synonym_ceiling'):.0f})"
                     if any(r.get("miou_synonym") for r in rows_) else "-")
         lines.append(f"| {recipe} | {len(rows_)} | {spread('miou_seen')} | {spread('miou_heldout_combo')} | {synonyms} | "
