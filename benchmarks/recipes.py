@@ -74,6 +74,10 @@ HELDOUT_PARTS = ["miou_heldout_combo", "miou_heldout_combo_pool", "miou_synonym"
 MEASURED = "reference-centred scores"
 LEGACY = "list-centred scores, no held-out parts (before ce088a4; model not kept)"
 SUPERVISED = "supervised oracle (no text side)"
+# readouts.csv: names centred on each naming's own reference (vilseg.inference.segmenter.default_reference); before,
+# on the captions' mean for every naming (CAPTIONS_FOR_ALL), which is still what re-encoding, the default, uses
+READOUTS_MEASURED = "reference-centred scores, each naming's own reference"
+CAPTIONS_FOR_ALL = "reference-centred scores, the captions' reference for every naming (before 2026-12-07 evening)"
 SCALING_COLUMNS = ["recipe", "seed", "budget", "steps", "miou_seen", "miou_heldout", "miou_seen_pool",
                    "miou_heldout_pool", "patch_shape_acc", "cpu_minutes", *HELDOUT_PARTS, "measured_with"]
 BACKBONE_COLUMNS = ["recipe", "seed", "miou_seen", "miou_heldout", "miou_seen_pool", "miou_heldout_pool",
@@ -230,7 +234,7 @@ def measure_readouts(model_dir: Path, data_dir: Path, out: Path) -> list[dict]:
         rows_.append({"readout": key, "calib_miou": report["calibration"]["miou"], "threshold": report["bg_threshold"],
                       "miou_seen": report["seen_miou"], "miou_heldout": report["heldout_pooled_miou"],
                       "miou_heldout_combo": report["heldout_combo_miou"], "miou_synonym": report["synonym_miou"],
-                      "synonym_ceiling": report["synonym_ceiling"], "measured_with": MEASURED})
+                      "synonym_ceiling": report["synonym_ceiling"], "measured_with": READOUTS_MEASURED})
         print(json.dumps(rows_[-1]), flush=True)
     return rows_
 

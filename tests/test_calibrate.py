@@ -43,6 +43,8 @@ def test_calibrate_writes_readout_json_that_segment_then_uses(trained, tmp_path,
     saved = json.loads((final / "readout.json").read_text())
     report = json.loads((tmp_path / "cal.json").read_text())
     assert saved["calibration"]["images"] == 4 and saved["calibration"]["dataset"] == "synthetic"
+    # the chosen read-out records the centring reference its naming was scored against
+    assert saved["reference"] == ("captions" if saved["naming"] == "reencode_global" else "prompt")
     assert set(report["sweeps"]) == set(saved["calibration"]["candidates"])
     # the saved threshold is the best of the chosen read-out's sweep, in percent
     sweep = report["sweeps"][report["readout"]]
@@ -58,6 +60,7 @@ def test_calibrate_writes_readout_json_that_segment_then_uses(trained, tmp_path,
                 "--naming", "pool", "--out", str(tmp_path / "override")]) == 0
     stats = json.loads((tmp_path / "override" / "segment_stats.json").read_text())
     assert stats["threshold"] == 0.11 and stats["readout"] == "clusters+pool"
+    assert stats["reference"] == "prompt"  # pooling's own reference, whichever the saved read-out named
 
 
 def test_calibrate_offers_only_datasets_with_a_background_class(trained, tmp_path):

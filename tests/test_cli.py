@@ -230,6 +230,28 @@ def test_index_build_query_and_segment_with_a_prebuilt_index(model_dir, photos, 
     code, _, err = _run(capsys, "segment", photos / "a" / "camera.png", "--model", other, "--index", tmp_path / "i",
                         "--out", tmp_path / "out2")
     assert code == 2 and "another text encoder" in err
+    # an index is centred for one naming: built for pooling, a re-encoding read-out refuses it and pooling takes it
+    code, out, err = _run(capsys, "index", "build", "--model", model_dir, "--classes", "cat,dog", "--naming", "pool",
+                          "--out", tmp_path / "p")
+    assert code == 0 and "centred on the prompt reference" in out, err
+    code, _, err = _run(capsys, "segment", photos / "a" / "camera.png", "--model", model_dir, "--index", tmp_path / "p",
+                        "--out", tmp_path / "out3")
+    assert code == 2 and "'prompt' reference" in err and "--naming reencode_global" in err
+    code, _, err = _run(capsys, "segment", photos / "a" / "camera.png", "--model", model_dir, "--index", tmp_path / "p",
+                        "--naming", "pool", "--out", tmp_path / "out4")
+    assert code == 0, err
+    # --naming pool on a model calibrated with re-encoding (its readout.json names the captions' reference) scores
+    # against pooling's own reference, not the saved one
+    import shutil
+
+    from vilseg.inference import ReadOut
+
+    calibrated = tmp_path / "calibrated"
+    shutil.copytree(model_dir, calibrated)
+    ReadOut("clusters", "reencode_global", 0.3, reference="captions").save(calibrated)
+    code, _, err = _run(capsys, "segment", photos / "a" / "camera.png", "--model", calibrated, "--index", tmp_path / "p",
+                        "--naming", "pool", "--out", tmp_path / "out5")
+    assert code == 0, err
 
 
 def test_the_vocabulary_cache_is_shared_by_segment_and_index_build_and_keyed_by_the_text_encoder(

@@ -71,7 +71,9 @@ QUERIES = ["red thing", "green thing", "blue thing"]
 
 @pytest.mark.parametrize("grouping", ["clusters", "dense"])
 def test_known_scene_labels_background_and_segments(grouping):
-    seg = Segmenter(ColourModel(), QUERIES, ReadOut(grouping, "pool", threshold=0.4, input_size=32))
+    # scored against the captions' reference, whose centred scores are worked out below (pooling's default is the
+    # prompt reference: test_each_naming_scores_against_its_own_reference)
+    seg = Segmenter(ColourModel(), QUERIES, ReadOut(grouping, "pool", threshold=0.4, input_size=32, reference="captions"))
     res = seg.segment(_scene())
     assert res.labels.shape == (32, 48) and res.segment_map.shape == (32, 48)
     acc = IoUAccumulator(4)
@@ -206,7 +208,7 @@ def test_overlay_png_and_clear_errors(tmp_path):
     from PIL import Image
 
     seg = Segmenter(ColourModel(), {"warm": ["red thing", "green thing"], "cold": ["blue thing"]},
-                    ReadOut("clusters", "pool", 0.4, input_size=32))
+                    ReadOut("clusters", "pool", 0.4, input_size=32, reference="captions"))
     res = seg.segment(_scene())
     assert (res.labels[0:13, 0:13] == 1).all() and (res.labels[0:13, 35:48] == 2).all()  # aliases: max over names
     im = Image.open(seg.render_overlay(_scene(), res, tmp_path / "overlay.png"))
@@ -283,6 +285,48 @@ def test_a_class_scores_the_same_under_two_class_lists_that_share_it(tmp_path):
     raw = F.normalize(bare.encode_texts([t.format("cat") for t in DEFAULT_TEMPLATES]).mean(0), dim=-1)
     torch.testing.assert_close(plain.scores(q)[:, 0], q @ raw, atol=1e-5, rtol=0)
     assert plain.center is None and pair.center is not None
+
+
+def test_each_naming_scores_against_its_own_reference(tmp_path):
+    from vilseg.inference.vocabulary import PROMPT_WORD, embed_names
+
+    model = create_model("vilseg-tiny")
+    model.fit_text_reference(["a red circle on grey.", "two blue squares.", "a green triangle and a red square."])
+    prompt = embed_names(model, [PROMPT_WORD])[0]
+    assert not torch.allclose(prompt, model.text_reference, atol=1e-3)
+    q = F.normalize(torch.randn(5, model.config.embed_dim, generator=torch.Generator().manual_seed(0)), dim=-1)
+    raw = F.normalize(model.encode_texts([t.format("cat") for t in DEFAULT_TEMPLATES]).mean(0), dim=-1)
+    for naming, reference, vector in (("pool", "prompt", prompt), ("masked_attention", "prompt", prompt),
+                                      ("reencode_global", "captions", model.text_reference)):
+        seg = Segmenter(model, ["cat", "dog"], ReadOut("clusters", naming, 0.3), device="cpu")
+        assert seg.reference == reference and seg.index.reference == reference
+        torch.testing.assert_close(seg.index.center, vector)
+        cat = F.normalize(raw - vector, dim=-1)
+        torch.testing.assert_close(seg.index.scores(q)[:, 0], q @ cat, atol=1e-5, rtol=0)
+        # fixed, so a class still scores the same in any list that holds it
+        six = Segmenter(model, ["dog", "car", "cat", "tree"], ReadOut("clusters", naming, 0.3), device="cpu")
+        torch.testing.assert_close(seg.index.scores(q)[:, 0], six.index.scores(q)[:, 2])
+    # a read-out may name its reference; it is saved and read back with the read-out
+    ReadOut("clusters", "pool", 0.3, reference="captions").save(tmp_path)
+    assert ReadOut.load(tmp_path).text_reference == "captions"
+    assert ReadOut("clusters", "pool").text_reference == "prompt"
+    with pytest.raises(ValueError, match="'mean'"):
+        Segmenter(model, ["cat"], ReadOut("clusters", "pool", reference="mean"))
+
+
+def test_a_prebuilt_index_for_another_reference_is_refused(tmp_path):
+    model = create_model("vilseg-tiny")
+    model.fit_text_reference(["a red circle on grey.", "two blue squares."])
+    captions = VocabularyIndex.build(model, ["cat", "dog"], reference="captions")
+    captions.save(tmp_path / "v")
+    loaded = VocabularyIndex.load(tmp_path / "v", model)
+    assert loaded.reference == "captions"
+    torch.testing.assert_close(loaded.center, model.text_reference)
+    Segmenter(model, loaded, ReadOut("clusters", "reencode_global"), device="cpu")  # the index's own reference
+    with pytest.raises(ValueError, match="'captions' reference.*pool read-out.*'prompt'.*--naming pool"):
+        Segmenter(model, loaded, ReadOut("clusters", "pool"), device="cpu")
+    seg = Segmenter(model, VocabularyIndex.build(model, ["cat"], reference="prompt"), ReadOut("clusters", "pool"))
+    assert seg.index.reference == "prompt"
 
 
 def test_a_refitted_text_reference_changes_the_text_identity():

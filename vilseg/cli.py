@@ -163,6 +163,8 @@ def model_and_readout(args):
     if args.grouping:
         readout.grouping = args.grouping
     if args.naming:
+        if args.naming != readout.naming:
+            readout.reference = None  # another naming scores against its own reference (default_reference)
         readout.naming = args.naming
     if args.blocks is not None:
         readout.blocks = args.blocks
@@ -403,7 +405,7 @@ def cmd_segment(args) -> int:
         for word in readout.background_words:
             names.setdefault(word, [word])
         segmenter.set_vocabulary(cached_index(model, names, segmenter.templates, center=segmenter.center,
-                                              progress=None))
+                                              progress=None, reference=segmenter.reference))
     out.mkdir(parents=True, exist_ok=True)
     stems = output_stems(paths)
     from_stdin = 0
@@ -432,7 +434,7 @@ def cmd_segment(args) -> int:
                  "workers": args.workers, "processes": state.num_processes,
                  "readout": f"{readout.grouping}+{readout.naming}"
                  + (f"@{readout.blocks}" if readout.naming == "masked_attention" else ""),
-                 "threshold": readout.threshold}
+                 "threshold": readout.threshold, "reference": segmenter.index.reference}
         (out / "segment_stats.json").write_text(json.dumps(stats, indent=1))
         print(f"wrote {written} of {written + len(failed)} images to {out} ({stats['images_per_s']} images/s)")
     return 1 if failed else 0
@@ -450,13 +452,21 @@ def cmd_index(args) -> int:
         check_vocabulary_args(args, "index build")
         if Path(args.out).exists() and not Path(args.out).is_dir():
             raise UserError(f"--out {args.out!r} is a file: give a folder")
+        from .inference.segmenter import default_readout, default_reference
+        from .inference.strategies import NAMINGS
+
+        if args.naming is not None and args.naming not in NAMINGS:
+            raise UserError(f"--naming {args.naming!r}: choose one of {', '.join(sorted(NAMINGS))}")
         vocabulary = vocabulary_from_args(args)
         model = load_model(args.model)
+        # centred as the read-out that will use it scores: the model's saved one, or the --naming given
+        reference = default_reference(args.naming) if args.naming else default_readout(args.model, model).text_reference
         from .inference.vocabulary import cached_index
 
-        index = cached_index(model, vocabulary, kind=args.kind, progress=None)
+        index = cached_index(model, vocabulary, kind=args.kind, progress=None, reference=reference)
         index.save(args.out)
-        print(f"indexed {len(index)} classes ({len(index.vectors)} names, {index.kind}) in {args.out}")
+        print(f"indexed {len(index)} classes ({len(index.vectors)} names, {index.kind}, centred on the "
+              f"{index.reference or 'no'} reference) in {args.out}")
         return 0
     if not args.index or not args.text:
         raise UserError("index query needs --index FOLDER and --text 'some words' ...")
@@ -681,6 +691,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--classes", help='build: comma-separated classes; aliases with "|": "tv|television,cat"')
     i.add_argument("--kind", choices=("auto", "flat", "hnsw"), default="auto",
                    help="exact (flat) or approximate (hnsw) search; auto: hnsw from 5,000 names")
+    i.add_argument("--naming", help="build: the naming the index is for (its names are centred on that read-out's "
+                                    "reference); default: the model's saved read-out")
     i.add_argument("--out", help="build: output folder")
     i.add_argument("--index", help="query: an index folder")
     i.add_argument("--text", nargs="+", default=[], help="query: texts to look up")

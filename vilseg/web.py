@@ -63,7 +63,8 @@ def build_app(segmenter, source: str | Path):
             names = normalise_vocabulary(names)
             for word in readout.background_words:
                 names.setdefault(word, [word])
-            indexes[key] = cached_index(model, names, segmenter.templates, center=segmenter.center)
+            indexes[key] = cached_index(model, names, segmenter.templates, center=segmenter.center,
+                                        reference=segmenter.reference)
         return indexes[key]
 
     def run(image, classes: str, vocabulary: str, threshold: float):

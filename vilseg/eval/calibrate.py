@@ -4,7 +4,9 @@ Every candidate read-out (:data:`CANDIDATES`, or those that ``grouping``/``namin
 split once under protocol A's arg-max rule; a sweep of background thresholds is then applied to the stored scores
 (:func:`~vilseg.eval.runner.calibrate_threshold`), each candidate at its best threshold. The fastest candidate within
 :data:`TOLERANCE` mIoU points of the best wins (:func:`prefer_fastest`), and is saved beside the model as
-``readout.json``, which ``Segmenter.from_pretrained``, ``vilseg segment``, ``web`` and ``eval`` then use.
+``readout.json``, which ``Segmenter.from_pretrained``, ``vilseg segment``, ``web`` and ``eval`` then use. Each
+candidate scores against its naming's centring reference (:func:`~vilseg.inference.segmenter.default_reference`),
+which the chosen read-out records.
 
 The threshold decides background, so the split must have a background class (voc21, context60, coco_object,
 synthetic); on a dataset without one there is nothing for it to decide.
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..inference.segmenter import ReadOut
+from ..inference.segmenter import ReadOut, default_reference
 from ..inference.strategies import GROUPINGS, NAMINGS
 from .datasets import Dataset
 from .predictors import SegmenterScores
@@ -102,7 +104,7 @@ def calibrate(model, dataset: Dataset, grouping: str | None = None, naming: str 
     g, n, k = prefer_fastest({key: v[1] for key, v in best.items()})
     threshold, miou = best[(g, n, k)]
     readout = ReadOut(g, n, threshold=threshold, **({"blocks": k} if k is not None else {}), **readout_options,
-                      calibration={
+                      reference=default_reference(n), calibration={
         "dataset": dataset.name, "split": str(dataset.root), "images": len(dataset.items), "miou": miou,
         "rule": f"fastest within {TOLERANCE} mIoU of the best", "center": center,
         "candidates": {key: max(v.values()) for key, v in sweeps.items()}})

@@ -37,6 +37,7 @@ class SegmenterScores:
         r = self.segmenter.readout
         kind = "clip" if getattr(self.model, "joint", "learned") == "clip" else "vilseg"
         return {"kind": kind, "grouping": r.grouping, "naming": r.naming, "center": self.segmenter.center,
+                "reference": self.segmenter.reference if self.segmenter.center else None,
                 "calibrated_threshold": r.threshold, "max_segments": r.max_segments, "min_area": r.min_area,
                 **({"blocks": r.blocks} if r.naming == "masked_attention" else {})}
 
@@ -49,7 +50,8 @@ class SegmenterScores:
 
         flat, owner = _flatten(names)
         vocabulary = {f"{i}:{n}": [n] for i, n in enumerate(flat)}
-        index = VocabularyIndex.build(self.model, vocabulary, templates, center=self.segmenter.center, kind="flat")
+        index = VocabularyIndex.build(self.model, vocabulary, templates, center=self.segmenter.center, kind="flat",
+                                     reference=self.segmenter.reference)
         self.vectors = torch.from_numpy(index.vectors).to(self.segmenter.device)  # [T, E]
         self.owner = owner
         return flat, owner

@@ -23,7 +23,7 @@ from PIL import Image, ImageOps
 
 from .strategies import (DENSE_READOUTS, GROUPINGS, NAMINGS, BackgroundWordsDecision, MaskedAttentionNaming,
                          NoDecision, SlidingWindow, ThresholdDecision, bound_segments)
-from .vocabulary import DEFAULT_TEMPLATES, VocabularyIndex
+from .vocabulary import DEFAULT_TEMPLATES, REFERENCES, VocabularyIndex
 
 READOUT_FILE = "readout.json"
 UNSET = object()  # a per-call setting left to the segmenter's own
@@ -42,7 +42,13 @@ class ReadOut:
     max_segments: int | None = 32  # at most this many segments per image (the smallest merge): bounded naming work
     background_words: list[str] = field(default_factory=list)  # used instead of a threshold when given
     input_size: int | None = None  # short side in pixels; None: the model's training size
+    reference: str | None = None  # what names are centred on (vocabulary.REFERENCES); None: the naming's default
     calibration: dict = field(default_factory=dict)  # where and how the threshold was chosen
+
+    @property
+    def text_reference(self) -> str:
+        """The centring reference this read-out scores against: its own, else :func:`default_reference`."""
+        return self.reference or default_reference(self.naming)
 
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / READOUT_FILE
@@ -61,6 +67,15 @@ class ReadOut:
         if unknown:
             raise ValueError(f"{path}: unknown key(s) {unknown}")
         return cls(**data)
+
+
+def default_reference(naming: str) -> str:
+    """The reference a naming strategy's scores are centred on by default: ``"captions"`` (the training captions'
+    mean) for re-encoding, whose segment embedding is a whole image's as the captions trained it; ``"prompt"`` (the
+    templates' own embedding) for the namings that embed a segment from inside one forward pass (pooling, masked
+    attention, the dense read-outs): against the captions' mean, their scores no longer separate objects from
+    background at any threshold (docs/results.md, section 2, measures both references for every naming)."""
+    return "captions" if naming == "reencode_global" else "prompt"
 
 
 CLIP_READOUT = ReadOut(grouping="dense", naming="naclip", threshold=None, max_segments=None,
@@ -172,8 +187,9 @@ class Segmenter:
             ...), or a built :class:`VocabularyIndex`.
         readout: a :class:`ReadOut` (default: the saved one of ``from_pretrained``, else ``ReadOut()``).
         templates: prompt templates; a name's embedding is the normalised mean over them.
-        center: subtract the model's fixed text reference from every name's embedding, so that a class's score
-            is the same in every vocabulary (see :meth:`VocabularyIndex.build`; a model without one is not centred).
+        center: subtract a fixed reference from every name's embedding, so that a class's score is the same in
+            every vocabulary: the read-out's (``readout.reference``, by default the naming's: :func:`default_reference`;
+            see :meth:`VocabularyIndex.build`).
         top_k: classes listed per segment.
         tiling: a :class:`SlidingWindow` for images larger than one forward pass should take.
         device: torch device; default CUDA if available.
@@ -193,6 +209,8 @@ class Segmenter:
         if self.readout.grouping == "dense" and self.readout.naming not in ("pool", *DENSE_READOUTS):
             raise ValueError(f"the dense grouping's segments are single patches: name them with 'pool' or a dense "
                              f"read-out ({', '.join(DENSE_READOUTS)}), not {self.readout.naming!r}")
+        if self.readout.text_reference not in REFERENCES:
+            raise ValueError(f"reference must be one of {', '.join(REFERENCES)}, got {self.readout.reference!r}")
         if self.readout.grouping == "merge" and not self.readout.max_segments:
             raise ValueError("the merge grouping merges patches down to max_segments: set it (e.g. 16)")
         self.grouping = GROUPINGS[self.readout.grouping]()
@@ -263,6 +281,13 @@ class Segmenter:
     def set_vocabulary(self, vocabulary) -> None:
         """Embeds (or takes) the vocabulary; background words of the read-out are added as extra classes."""
         if isinstance(vocabulary, VocabularyIndex):
+            wanted = self.reference if self.center else None
+            if vocabulary.center is not None and vocabulary.reference != wanted:
+                raise ValueError(f"this vocabulary index is centred on the {vocabulary.reference!r} reference, and "
+                                 f"the {self.readout.naming} read-out scores against "
+                                 + (f"the {wanted!r} one" if wanted else "uncentred names")
+                                 + ": rebuild the index for this read-out (`vilseg index build --naming "
+                                 f"{self.readout.naming} ...`)")
             self.index = vocabulary
             return
         from .vocabulary import normalise_vocabulary
@@ -270,7 +295,13 @@ class Segmenter:
         names = normalise_vocabulary(vocabulary)
         for word in self.readout.background_words:
             names.setdefault(word, [word])
-        self.index = VocabularyIndex.build(self.model, names, self.templates, center=self.center)
+        self.index = VocabularyIndex.build(self.model, names, self.templates, center=self.center,
+                                           reference=self.reference)
+
+    @property
+    def reference(self) -> str:
+        """What this segmenter's names are centred on (when ``center``): the read-out's reference."""
+        return self.readout.text_reference
 
     # ------------------------------------------------------------------ the read-out
     def preprocess(self, image) -> tuple[torch.Tensor, tuple[int, int]]:

@@ -4,9 +4,10 @@
     scores, classes = index.search(embeddings, k=5)     # top-k classes per query: never the whole vocabulary
     index.save("vocab/"); VocabularyIndex.load("vocab/", model)   # refuses a model with another text side
 
-Each name is embedded with prompt templates, averaged and L2-normalised (CLIP's prompt ensembling); optionally the
-model's fixed text reference (the training captions' mean embedding, ``ViLSeg.fit_text_reference``) is subtracted
-first (see ``center``), so that a class's score never depends on the other classes asked. A class scores the best of its names. The index is exact
+Each name is embedded with prompt templates, averaged and L2-normalised (CLIP's prompt ensembling); optionally a
+fixed reference is subtracted first (see ``center`` and ``reference``: the training captions' mean embedding,
+``ViLSeg.fit_text_reference``, or the templates' own embedding), so that a class's score never depends on the other
+classes asked. A class scores the best of its names. The index is exact
 inner product below ``APPROXIMATE_FROM`` names and HNSW from there (measured in benchmarks/segment.py: HNSW
 with ``HNSW_EF_SEARCH`` keeps recall@1 >= 0.99 at a fraction of the exact search's cost); on a machine with
 faiss-gpu and CUDA the exact index lives on the GPU (faiss-gpu returns at most 2048 neighbours, so k is capped there).
@@ -25,6 +26,10 @@ DEFAULT_TEMPLATES = ("a photo of a {}.", "a {}.", "an image of a {}.", "a pictur
 APPROXIMATE_FROM = 5_000  # names (vectors); from here HNSW is 3x faster than exact search (benchmarks/segment.py)
 HNSW_EF_SEARCH = 64  # the smallest efSearch with recall@1 >= 0.99 against exact search at 1k-100k names
 GPU_MAX_K = 2048  # faiss-gpu's limit on k
+# What centring subtracts from every name's embedding (see VocabularyIndex.build): "captions", the model's stored mean
+# embedding of its training captions; "prompt", the templates around PROMPT_WORD, the part every templated name shares.
+REFERENCES = ("captions", "prompt")
+PROMPT_WORD = "thing"
 INDEX_FILE, META_FILE, VECTORS_FILE = "index.faiss", "vocabulary.json", "vectors.npy"
 
 
@@ -65,6 +70,18 @@ def normalise_vocabulary(vocabulary) -> dict[str, list[str]]:
     return out
 
 
+def text_reference(model, reference: str, templates=DEFAULT_TEMPLATES) -> torch.Tensor | None:
+    """[E] vector that centring subtracts (CPU, float): ``"captions"``, the model's ``text_reference`` (None for a
+    model without one: a bare CLIP, an export from before it existed); ``"prompt"``, the templates' embedding of
+    :data:`PROMPT_WORD`."""
+    if reference not in REFERENCES:
+        raise ValueError(f"reference must be one of {', '.join(REFERENCES)}, got {reference!r}")
+    if reference == "prompt":
+        return embed_names(model, [PROMPT_WORD], templates)[0]
+    mean = getattr(model, "text_reference", None)
+    return None if mean is None else mean.detach().float().cpu()
+
+
 @torch.inference_mode()
 def embed_names(model, names: list[str], templates=DEFAULT_TEMPLATES, batch_size: int = 128,
                 progress: bool | None = False) -> torch.Tensor:
@@ -103,10 +120,10 @@ def cache_folder() -> Path:
 
 
 def cached_index(model, vocabulary, templates=DEFAULT_TEMPLATES, center: bool = True, kind: str = "auto",
-                 progress: bool | None = None) -> "VocabularyIndex":
+                 progress: bool | None = None, reference: str = "captions") -> "VocabularyIndex":
     """:meth:`VocabularyIndex.build`, through a cache shared by ``vilseg segment``, ``vilseg index build`` and the web
     demo: keyed by the text side's identity (:func:`text_identity`), the names with their aliases, the templates and
-    the centring, so that a vocabulary of ``CACHE_FROM`` names or more is embedded once per text encoder (ImageNet-21k:
+    the centring with its reference, so that a vocabulary of ``CACHE_FROM`` names or more is embedded once per text encoder (ImageNet-21k:
     minutes the first time, a second after). The cache is a folder per key under :func:`cache_folder`, written to a
     temporary folder and renamed, so an interrupted write leaves no half entry."""
     import os
@@ -114,12 +131,13 @@ def cached_index(model, vocabulary, templates=DEFAULT_TEMPLATES, center: bool = 
     import tempfile
 
     names = normalise_vocabulary(vocabulary)
-    key = hashlib.sha256(json.dumps([text_identity(model), names, list(templates), bool(center)],
+    key = hashlib.sha256(json.dumps([text_identity(model), names, list(templates), reference if center else None],
                                     sort_keys=True).encode()).hexdigest()[:24]
     folder = cache_folder() / key
     if (folder / META_FILE).is_file() and (folder / VECTORS_FILE).is_file():
         return VocabularyIndex.load(folder, model, kind=kind)
-    index = VocabularyIndex.build(model, names, templates, center=center, kind=kind, progress=progress)
+    index = VocabularyIndex.build(model, names, templates, center=center, kind=kind, progress=progress,
+                                  reference=reference)
     if sum(len(a) for a in names.values()) >= CACHE_FROM:
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=folder.parent))
@@ -140,11 +158,13 @@ class VocabularyIndex:
         classes: class names, index = class id.
         identity: :func:`text_identity` of the model that embedded them.
         kind: "flat" (exact), "hnsw" (approximate) or "auto" (HNSW from ``APPROXIMATE_FROM`` vectors).
-        center: the text reference that was subtracted (stored so queries can be compared; None if not centred).
+        center: the vector that centring subtracted (stored so queries can be compared; None if not centred).
+        reference: which one it is (:data:`REFERENCES`; None if not centred).
     """
 
     def __init__(self, vectors: torch.Tensor, owner: torch.Tensor, classes: list[str], identity: str = "",
-                 kind: str = "auto", center: torch.Tensor | None = None, aliases: dict | None = None):
+                 kind: str = "auto", center: torch.Tensor | None = None, aliases: dict | None = None,
+                 reference: str | None = None):
         import faiss
 
         if kind not in ("auto", "flat", "hnsw"):
@@ -153,7 +173,7 @@ class VocabularyIndex:
         self.owner = owner.detach().cpu().long()
         self.classes, self.identity = list(classes), identity
         self.aliases = aliases or {c: [c] for c in self.classes}
-        self.center = center
+        self.center, self.reference = center, (reference if center is not None else None)
         self.kind = ("hnsw" if len(self.vectors) >= APPROXIMATE_FROM else "flat") if kind == "auto" else kind
         self.max_aliases = int(torch.bincount(self.owner).max()) if len(self.owner) else 1
         dim = self.vectors.shape[1]
@@ -176,7 +196,7 @@ class VocabularyIndex:
 
     @classmethod
     def build(cls, model, vocabulary, templates=DEFAULT_TEMPLATES, center: bool = True, kind: str = "auto",
-              batch_size: int = 128, progress: bool | None = False) -> "VocabularyIndex":
+              batch_size: int = 128, progress: bool | None = False, reference: str = "captions") -> "VocabularyIndex":
         """Embeds a vocabulary with ``model``'s text side.
 
         Args:
@@ -184,12 +204,17 @@ class VocabularyIndex:
             vocabulary: names, or mapping name -> aliases, or a packaged vocabulary's name (``vilseg.inference.
                 vocabularies.list_vocabularies()``).
             templates: prompt templates, each with one ``{}``.
-            center: subtract the model's text reference (``model.text_reference``, the training captions' mean
-                embedding, fixed with the model) before normalising: text embeddings share a large common component
-                (template, wording), and regions no caption describes drift towards it; centring removes it so that
-                they score near 0 for every name. The reference does not depend on the vocabulary, so a class's
-                score is the same in every list. A model without one (a bare CLIP, or an export from before the reference existed) is
-                not centred.
+            center: subtract a fixed reference (``reference``) before normalising: text embeddings share a large
+                common component (template, wording), and regions no caption describes drift towards it; centring
+                removes it so that they score near 0 for every name. The reference does not depend on the
+                vocabulary, so a class's score is the same in every list.
+            reference: ``"captions"``, the model's text reference (``model.text_reference``, the training captions'
+                mean embedding, fixed with the model; a model without one, a bare CLIP or an export from before it
+                existed, is not centred), or ``"prompt"``, the templates' embedding of :data:`PROMPT_WORD`. Each
+                naming strategy has its own (:func:`vilseg.inference.segmenter.default_reference`): a re-encoded
+                segment is a whole image, which training matched with whole captions; a pooled or masked-attention
+                segment embedding is not, and against the captions' mean its scores no longer separate objects
+                from background (docs/results.md, section 2).
             kind: index kind (see the class).
             batch_size: prompts per text-tower call.
             progress: a progress bar while embedding (None: only on a terminal).
@@ -198,11 +223,10 @@ class VocabularyIndex:
         names = [a for group in aliases.values() for a in group]
         owner = torch.tensor([i for i, group in enumerate(aliases.values()) for _ in group])
         vectors = embed_names(model, names, templates, batch_size, progress)
-        mean = getattr(model, "text_reference", None) if center else None
+        mean = text_reference(model, reference, templates) if center else None
         if mean is not None:
-            mean = mean.detach().float().cpu()
             vectors = F.normalize(vectors - mean.to(vectors), dim=-1)
-        return cls(vectors, owner, list(aliases), text_identity(model), kind, mean, aliases)
+        return cls(vectors, owner, list(aliases), text_identity(model), kind, mean, aliases, reference)
 
     def search(self, queries: torch.Tensor, k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-``k`` classes for each query (a class scores the best of its names).
@@ -255,7 +279,7 @@ class VocabularyIndex:
         np.save(directory / VECTORS_FILE, self.vectors, allow_pickle=False)
         meta = {"classes": self.classes, "aliases": self.aliases, "owner": self.owner.tolist(),
                 "identity": self.identity, "kind": self.kind,
-                "center": None if self.center is None else self.center.tolist()}
+                "center": None if self.center is None else self.center.tolist(), "reference": self.reference}
         (directory / META_FILE).write_text(json.dumps(meta))
         return directory
 
@@ -274,5 +298,6 @@ class VocabularyIndex:
                              f"`vilseg index build`")
         vectors = torch.from_numpy(np.load(directory / VECTORS_FILE, allow_pickle=False))
         center = None if meta["center"] is None else torch.tensor(meta["center"])
+        reference = meta.get("reference", "captions")  # indexes saved before "prompt" existed were caption-centred
         return cls(vectors, torch.tensor(meta["owner"]), meta["classes"], meta["identity"], kind or meta["kind"],
-                   center, meta["aliases"])
+                   center, meta["aliases"], reference)
