@@ -286,8 +286,9 @@ class Segmenter:
                 raise ValueError(f"this vocabulary index is centred on the {vocabulary.reference!r} reference, and "
                                  f"the {self.readout.naming} read-out scores against "
                                  + (f"the {wanted!r} one" if wanted else "uncentred names")
-                                 + ": rebuild the index for this read-out (`vilseg index build --naming "
-                                 f"{self.readout.naming} ...`)")
+                                 + ": rebuild the index for this read-out (VocabularyIndex.build(..., "
+                                 + (f"reference={wanted!r}" if wanted else "center=False")
+                                 + f"), or `vilseg index build --naming {self.readout.naming} ...`)")
             self.index = vocabulary
             return
         from .vocabulary import normalise_vocabulary
