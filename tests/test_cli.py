@@ -158,6 +158,7 @@ def test_bad_input_gets_one_line_and_exit_code_2(case, model_dir, photos, tmp_pa
     (["index", "build", "--model", "MODEL", "--classes", "cat,dog"], "needs --out"),
     (["index", "build", "--model", "MODEL", "--out", "OUT"], "give the names to index"),
     (["index", "build", "--model", "MODEL", "--vocab", "klingon", "--out", "OUT"], "no vocabulary 'klingon'"),
+    (["index", "build", "--model", "MODEL", "--classes", "cat", "--naming", "crop", "--out", "OUT"], "--naming 'crop'"),
     (["index", "query", "--model", "MODEL", "--text", "a cat"], "needs --index"),
     (["index", "query", "--model", "MODEL", "--index", "OUT", "--text", "a cat"], "not a vilseg vocabulary index"),
     (["eval", "--dataset", "voc21", "--root", "OUT", "--out", "r.json"], "exactly one of"),
