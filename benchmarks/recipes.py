@@ -71,13 +71,11 @@ BUDGET = 600  # every recipe at --scale 1 costs what 600 ViL-Seg demo steps cost
 HELDOUT_PARTS = ["miou_heldout_combo", "miou_heldout_combo_pool", "miou_synonym", "miou_synonym_pool",
                  "synonym_ceiling"]  # held-out in its two parts (issue #30); empty in rows measured before them
 # how a row was measured: MEASURED today; rows of models that were not kept say what they lack (LEGACY)
-MEASURED = "reference-centred scores"
+MEASURED = "reference-centred scores, each naming's own reference"  # vilseg.inference.segmenter.default_reference
 LEGACY = "list-centred scores, no held-out parts (before ce088a4; model not kept)"
 SUPERVISED = "supervised oracle (no text side)"
-# readouts.csv: names centred on each naming's own reference (vilseg.inference.segmenter.default_reference); before,
-# on the captions' mean for every naming (CAPTIONS_FOR_ALL), which is still what re-encoding, the default, uses
-READOUTS_MEASURED = "reference-centred scores, each naming's own reference"
-CAPTIONS_FOR_ALL = "reference-centred scores, the captions' reference for every naming (before 2026-12-07 evening)"
+# (rows measured before, with every naming centred on the captions' mean, say "the captions' reference for every
+# naming" in their measured_with column)
 SCALING_COLUMNS = ["recipe", "seed", "budget", "steps", "miou_seen", "miou_heldout", "miou_seen_pool",
                    "miou_heldout_pool", "patch_shape_acc", "cpu_minutes", *HELDOUT_PARTS, "measured_with"]
 BACKBONE_COLUMNS = ["recipe", "seed", "miou_seen", "miou_heldout", "miou_seen_pool", "miou_heldout_pool",
@@ -234,7 +232,7 @@ def measure_readouts(model_dir: Path, data_dir: Path, out: Path) -> list[dict]:
         rows_.append({"readout": key, "calib_miou": report["calibration"]["miou"], "threshold": report["bg_threshold"],
                       "miou_seen": report["seen_miou"], "miou_heldout": report["heldout_pooled_miou"],
                       "miou_heldout_combo": report["heldout_combo_miou"], "miou_synonym": report["synonym_miou"],
-                      "synonym_ceiling": report["synonym_ceiling"], "measured_with": READOUTS_MEASURED})
+                      "synonym_ceiling": report["synonym_ceiling"], "measured_with": MEASURED})
         print(json.dumps(rows_[-1]), flush=True)
     return rows_
 
@@ -262,9 +260,10 @@ def zero_shot_object_shape(model, items, names: list[str]) -> float:
 
     from vilseg.eval import EncoderFeatures, object_features
     from vilseg.inference import VocabularyIndex
+    from vilseg.inference.segmenter import default_reference
 
     x, y, _ = object_features(EncoderFeatures(model, joint=True), items)
-    scores = VocabularyIndex.build(model, names).scores(torch.from_numpy(x))
+    scores = VocabularyIndex.build(model, names, reference=default_reference("pool")).scores(torch.from_numpy(x))
     pred = scores.argmax(1).numpy()
     return float(100 * np.mean([names[p].split()[1] == names[c - 1].split()[1] for p, c in zip(pred, y)]))
 
