@@ -73,8 +73,9 @@ def default_reference(naming: str) -> str:
     """The reference a naming strategy's scores are centred on by default: ``"captions"`` (the training captions'
     mean) for re-encoding, whose segment embedding is a whole image's as the captions trained it; ``"prompt"`` (the
     templates' own embedding) for the namings that embed a segment from inside one forward pass (pooling, masked
-    attention, the dense read-outs): against the captions' mean, their scores no longer separate objects from
-    background at any threshold (docs/results.md, section 2, measures both references for every naming)."""
+    attention): against the captions' mean, their scores no longer separate objects from background at any
+    threshold (docs/results.md, section 2, measures both references for each). The dense read-outs (MaskCLIP, SCLIP,
+    NACLIP) follow pooling by the same reasoning, unmeasured: on a CLIP they score uncentred names (``center=False``)."""
     return "captions" if naming == "reencode_global" else "prompt"
 
 
