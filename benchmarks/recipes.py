@@ -80,7 +80,7 @@ SCALING_COLUMNS = ["recipe", "seed", "budget", "steps", "miou_seen", "miou_heldo
                    "miou_heldout_pool", "patch_shape_acc", "cpu_minutes", *HELDOUT_PARTS, "measured_with"]
 BACKBONE_COLUMNS = ["recipe", "seed", "miou_seen", "miou_heldout", "miou_seen_pool", "miou_heldout_pool",
                     "patch_shape_acc", "prompt_patch_miou", "intra_inter_overlap", "cpu_minutes", *HELDOUT_PARTS,
-                    "measured_with"]
+                    "measured_with", "calibrated_readout"]
 READOUT_COLUMNS = ["recipe", "seed", "readout", "calib_miou", "threshold", "miou_seen", "miou_heldout",
                    "miou_heldout_combo", "miou_synonym", "synonym_ceiling", "measured_with"]
 # settings that change how a run is kept or scheduled, not what it trains: a stage trained under other values is reused
@@ -287,8 +287,18 @@ def rows(recipe: str, seed: int, report: dict, minutes: float) -> tuple[dict | N
                 "cpu_minutes": minutes,
                 "miou_heldout_combo": demo_r["heldout_combo_miou"], "miou_heldout_combo_pool": pool_r["heldout_combo_miou"],
                 "miou_synonym": demo_r["synonym_miou"], "miou_synonym_pool": pool_r["synonym_miou"],
-                "synonym_ceiling": demo_r["synonym_ceiling"], "measured_with": MEASURED}
+                "synonym_ceiling": demo_r["synonym_ceiling"], "measured_with": MEASURED,
+                "calibrated_readout": calibrated_readout(report)}
     return backbone, probe
+
+
+def calibrated_readout(report: dict) -> str:
+    """The read-out the model's calibration would keep of the two measured ("pool" or "reencode_global"): the faster
+    (pooling) unless re-encoding is more than the tolerance better on the calibration split (eval.calibrate's rule)."""
+    from vilseg.eval.calibrate import prefer_fastest
+
+    return prefer_fastest({"pool": report["cluster+pool"]["calibration"]["miou"],
+                           "reencode_global": report["cluster+reencode_global"]["calibration"]["miou"]})
 
 
 def oracle_row(recipe: str, seed: int, report: dict) -> dict:
@@ -345,7 +355,7 @@ def mean_spread(values, digits: int = 1, bold: bool = False) -> str:
 
 def summarize(path: Path) -> str:
     """Markdown table: per recipe (and read-out, in readouts.csv), the mean and the spread (min-max) over seeds of
-    every column."""
+    every numeric column, and how often each value occurs in a column of words."""
     with path.open() as f:
         table = list(csv.DictReader(f))
     keys = [k for k in ("recipe", "readout", "measured_with") if k in table[0]]
@@ -355,6 +365,10 @@ def summarize(path: Path) -> str:
         group = [r for r in table if tuple(r[k] for k in keys) == group_key]
         cells = []
         for c in columns:
+            given = [r[c] for r in group if r[c] not in ("", None)]
+            if any(_sortable(v)[0] for v in given):  # a column of words (calibrated_readout): how often each
+                cells.append(", ".join(f"{v} {given.count(v)}" for v in dict.fromkeys(given)))
+                continue
             values = np.array([float(r[c]) if r[c] not in ("", None) else np.nan for r in group])
             if np.isnan(values).all():
                 cells.append("-")
@@ -368,16 +382,18 @@ def summarize(path: Path) -> str:
 def yardstick(path: Path, oracle: str = "oracle") -> str:
     """Markdown table: every recipe measured today (``measured_with`` = MEASURED), its seen and held-out-combination
     mIoU (means over seeds) and each as a share of the supervised oracle's, with its synonyms against their
-    ceiling; the oracles' own rows first. Recipes whose rows predate the held-out parts are left out."""
+    ceiling; the oracles' own rows first. Recipes whose rows predate the held-out parts are left out. Each seed is
+    read out as its calibration would (``calibrated_readout``: pooled or re-encoded), and the table says how often
+    each was kept."""
     with path.open() as f:
-        table = list(csv.DictReader(f))
+        table = [calibrated_columns(r) for r in csv.DictReader(f)]
     mean = lambda rows, c: float(np.mean([float(r[c]) for r in rows if r.get(c) not in ("", None)]))  # noqa: E731
     ref = [r for r in table if r["recipe"] == oracle]
     if not ref:
         return f"(no {oracle} rows in {path})"
     seen_ref, combo_ref = mean(ref, "miou_seen"), mean(ref, "miou_heldout_combo")
-    lines = ["| recipe | seeds | seen | held-out combinations | synonyms (ceiling %) | seen, % of oracle | "
-             "combinations, % of oracle | combinations / seen |", "|---" * 8 + "|"]
+    lines = ["| recipe | seeds | read-out (pooled/re-encoded) | seen | held-out combinations | synonyms (ceiling %) | "
+             "seen, % of oracle | combinations, % of oracle | combinations / seen |", "|---" * 9 + "|"]
     for recipe in dict.fromkeys(r["recipe"] for r in table):
         rows_ = [r for r in table if r["recipe"] == recipe and r.get("measured_with") in (MEASURED, SUPERVISED)]
         if not rows_:
@@ -386,9 +402,19 @@ def yardstick(path: Path, oracle: str = "oracle") -> str:
         spread = lambda c: mean_spread([float(r[c]) for r in rows_ if r.get(c) not in ("", None)])  # noqa: E731
         synonyms = (f"{spread('miou_synonym')} ({mean(rows_, 'synonym_ceiling'):.0f})"
                     if any(r.get("miou_synonym") for r in rows_) else "-")
-        lines.append(f"| {recipe} | {len(rows_)} | {spread('miou_seen')} | {spread('miou_heldout_combo')} | {synonyms} | "
+        kept = [r.get("calibrated_readout") for r in rows_]
+        readouts = f"{kept.count('pool')}/{kept.count('reencode_global')}" if any(kept) else "-"
+        lines.append(f"| {recipe} | {len(rows_)} | {readouts} | {spread('miou_seen')} | {spread('miou_heldout_combo')} | {synonyms} | "
                      f"{100 * seen / seen_ref:.0f}% | {100 * combo / combo_ref:.0f}% | {100 * combo / seen:.0f}% |")
     return "\n".join(lines)
+
+
+def calibrated_columns(row: dict) -> dict:
+    """A backbones.csv row with its seen, combination and synonym columns taken from the read-out its calibration
+    keeps (the ``_pool`` columns where that is pooling)."""
+    if row.get("calibrated_readout") != "pool":
+        return row
+    return row | {c: row[f"{c}_pool"] for c in ("miou_seen", "miou_heldout_combo", "miou_synonym")}
 
 
 def plot_scaling(path: Path, out: Path) -> Path:

@@ -134,6 +134,23 @@ def test_recipe_rows_replace_their_seed_and_summarize(tmp_path):
     assert f"| scratch | {harness.LEGACY} | 1 | 9.0 |" in summarize(path)
 
 
+def test_the_yardstick_reads_each_seed_as_its_calibration_keeps_it(tmp_path):
+    harness = _harness()
+    columns, append_row = harness.BACKBONE_COLUMNS, harness.append_row
+    path = tmp_path / "b.csv"
+    append_row(path, columns, {"recipe": "oracle", "seed": 0, "miou_seen": 50.0, "miou_heldout_combo": 20.0,
+                               "measured_with": harness.SUPERVISED})
+    base = {"recipe": "xm", "miou_seen": 10.0, "miou_heldout_combo": 4.0, "miou_synonym": 1.0, "miou_seen_pool": 30.0,
+            "miou_heldout_combo_pool": 12.0, "miou_synonym_pool": 3.0, "synonym_ceiling": 40.0,
+            "measured_with": harness.MEASURED}
+    append_row(path, columns, base | {"seed": 0, "calibrated_readout": "reencode_global"})
+    append_row(path, columns, base | {"seed": 1, "calibrated_readout": "pool"})
+    line = next(x for x in harness.yardstick(path).splitlines() if x.startswith("| xm |"))
+    # seed 0 re-encoded (10, 4, 1), seed 1 pooled (30, 12, 3): means 20, 8, 2, against the oracle's 50 and 20
+    assert line == "| xm | 2 | 1/1 | 20.0 (10.0-30.0) | 8.0 (4.0-12.0) | 2.0 (1.0-3.0) (40) | 40% | 40% | 40% |"
+    assert "calibrated_readout" in harness.summarize(path) and "reencode_global 1, pool 1" in harness.summarize(path)
+
+
 def test_stage_names_keep_two_methods_configs_of_one_file_name_apart():
     RECIPES, stage_name = _harness().RECIPES, _harness().stage_name
 
