@@ -70,13 +70,10 @@ class ReadOut:
 
 
 def default_reference(naming: str) -> str:
-    """The reference a naming strategy's scores are centred on by default: ``"captions"`` (the training captions'
-    mean) for re-encoding, whose segment embedding is a whole image's as the captions trained it; ``"prompt"`` (the
-    templates' own embedding) for the namings that embed a segment from inside one forward pass (pooling, masked
-    attention): against the captions' mean, their scores no longer separate objects from background at any
-    threshold (docs/results.md, section 2, measures both references for each). The dense read-outs (MaskCLIP, SCLIP,
-    NACLIP) follow pooling by the same reasoning, unmeasured: on a CLIP they score uncentred names (``center=False``)."""
-    return "captions" if naming == "reencode_global" else "prompt"
+    """The centring reference a naming strategy scores against by default (its ``reference``: ``"captions"``, the
+    training captions' mean, for re-encoding; ``"prompt"``, the templates' own embedding, for pooling, masked
+    attention and the dense read-outs; docs/results.md, section 2, measures both for each)."""
+    return NAMINGS[naming].reference
 
 
 CLIP_READOUT = ReadOut(grouping="dense", naming="naclip", threshold=None, max_segments=None,

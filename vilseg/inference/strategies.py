@@ -183,6 +183,10 @@ class PooledNaming:
     ViL-Seg paper), re-normalised."""
 
     name = "pool"
+    # what names are centred on (vocabulary.REFERENCES): a segment embedded inside one forward pass is closer to a
+    # single templated name than to a whole caption; against the captions' mean its scores no longer separate
+    # objects from background (docs/results.md, section 2). The dense read-outs inherit it, unmeasured.
+    reference = "prompt"
 
     def __call__(self, model, image: torch.Tensor, dense: dict, ids: torch.Tensor) -> torch.Tensor:
         emb = dense["patch_embed"][0].flatten(1).t()  # [N, E]
@@ -209,6 +213,7 @@ class MaskedAttentionNaming:
     """
 
     name = "masked_attention"
+    reference = "prompt"  # as pooling's (docs/results.md, section 2)
 
     def __init__(self, blocks: int | str = 1):
         if not (blocks == "all" or (isinstance(blocks, int) and not isinstance(blocks, bool) and blocks >= 1)):
@@ -244,6 +249,7 @@ class ReencodeGlobalNaming:
     """
 
     name = "reencode_global"
+    reference = "captions"  # a re-encoded segment is a whole image, which training matched with whole captions
 
     def __init__(self, batch: int = 64, window: int | None = None):
         self.batch, self.window = batch, window
