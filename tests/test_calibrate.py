@@ -68,3 +68,16 @@ def test_calibrate_offers_only_datasets_with_a_background_class(trained, tmp_pat
     proc = subprocess.run([sys.executable, "-m", "vilseg.cli", "calibrate", "--model", str(final), "--dataset",
                            "ade20k", "--root", str(tmp_path)], capture_output=True, text=True)
     assert proc.returncode == 2 and "invalid choice: 'ade20k'" in proc.stderr
+
+
+def test_a_reference_given_to_calibrate_is_the_one_it_scores_and_records(trained):
+    from vilseg.eval import load_dataset
+    from vilseg.eval.calibrate import calibrate
+    from vilseg.models import ViLSeg
+
+    final, calib = trained
+    model, split = ViLSeg.from_pretrained(final), load_dataset("synthetic", calib)
+    own, own_sweeps = calibrate(model, split, naming="pool", limit=3)
+    given, given_sweeps = calibrate(model, split, naming="pool", limit=3, reference="captions")
+    assert own.reference == "prompt" and given.reference == "captions"
+    assert own_sweeps != given_sweeps  # the candidates were scored against the given reference

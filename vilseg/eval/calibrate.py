@@ -103,8 +103,8 @@ def calibrate(model, dataset: Dataset, grouping: str | None = None, naming: str 
         best[(g, n, k)] = (threshold, 100 * sweep[threshold])
     g, n, k = prefer_fastest({key: v[1] for key, v in best.items()})
     threshold, miou = best[(g, n, k)]
-    readout = ReadOut(g, n, threshold=threshold, **({"blocks": k} if k is not None else {}), **readout_options,
-                      reference=default_reference(n), calibration={
+    options = {"reference": default_reference(n)} | readout_options  # a reference given is the one every candidate used
+    readout = ReadOut(g, n, threshold=threshold, **({"blocks": k} if k is not None else {}), **options, calibration={
         "dataset": dataset.name, "split": str(dataset.root), "images": len(dataset.items), "miou": miou,
         "rule": f"fastest within {TOLERANCE} mIoU of the best", "center": center,
         "candidates": {key: max(v.values()) for key, v in sweeps.items()}})
