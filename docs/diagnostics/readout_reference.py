@@ -14,16 +14,12 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import tempfile
 from pathlib import Path
 
-import numpy as np
-
-from vilseg import eval as ev
+from vilseg import demo
 from vilseg.eval.calibrate import CANDIDATES, readout_key
-from vilseg.eval.runner import calibrate_threshold, class_score_maps, score_thresholds
-from vilseg.inference import ReadOut, Segmenter
 from vilseg.inference.vocabulary import REFERENCES
-from vilseg.models import ViLSeg
 
 
 def main() -> None:
@@ -35,27 +31,20 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("docs/results/readout_references.csv"))
     args = parser.parse_args()
 
-    model = ViLSeg.from_pretrained(args.model)
-    calib = ev.load_dataset("synthetic", args.data / "calib")
-    split = ev.load_dataset("synthetic", args.data / "eval")
-    meta = json.loads((args.data / "eval" / "meta.json").read_text())
-    protocol = ev.preset("A", "synthetic")
     rows = []
-    for grouping, naming, blocks in CANDIDATES:
-        for reference in REFERENCES:
-            readout = ReadOut(grouping, naming, threshold=None, reference=reference,
-                              **({"blocks": blocks} if blocks is not None else {}))
-            predictor = ev.SegmenterScores(Segmenter(model, readout=readout, center=True))
-            threshold, sweep = calibrate_threshold(class_score_maps(predictor, calib, protocol), len(calib.classes))
-            result = score_thresholds(class_score_maps(predictor, split, protocol), len(split.classes), threshold)
-            iou = dict(zip(split.classes, 100 * result.iou()))
-            row = {"recipe": args.recipe, "seed": args.seed, "readout": readout_key(grouping, naming, blocks), "reference": reference,
-                   "threshold": threshold, "calibration_miou": round(100 * sweep[threshold], 2),
-                   "seen_miou": round(float(np.nanmean([iou[c] for c in meta["seen_classes"]])), 2),
-                   "heldout_combo_miou": round(float(np.nanmean([iou[c] for c in meta["heldout_classes"]])), 2),
-                   "background_iou": round(float(iou["background"]), 2)}
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+    with tempfile.TemporaryDirectory() as scratch:
+        for grouping, naming, blocks in CANDIDATES:
+            for reference in REFERENCES:  # the demo's calibration and evaluation, the reference given
+                report = demo.evaluate_model(args.model, args.data, Path(scratch), 0, grouping, naming, blocks=blocks,
+                                             reference=reference)
+                row = {"recipe": args.recipe, "seed": args.seed, "readout": readout_key(grouping, naming, blocks),
+                       "reference": reference, "threshold": report["bg_threshold"],
+                       "calibration_miou": round(report["calibration"]["miou"], 2),
+                       "seen_miou": round(report["seen_miou"], 2),
+                       "heldout_combo_miou": round(report["heldout_combo_miou"], 2),
+                       "background_iou": round(report["canonical"]["background_iou"], 2)}
+                print(json.dumps(row), flush=True)
+                rows.append(row)
     new = not args.out.is_file()
     with args.out.open("a", newline="") as f:  # written once all are measured: no half run in the file
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
