@@ -77,7 +77,8 @@ SUPERVISED = "supervised oracle (no text side)"
 # (rows measured before, with every naming centred on the captions' mean, say "the captions' reference for every
 # naming" in their measured_with column)
 SCALING_COLUMNS = ["recipe", "seed", "budget", "steps", "miou_seen", "miou_heldout", "miou_seen_pool",
-                   "miou_heldout_pool", "patch_shape_acc", "cpu_minutes", *HELDOUT_PARTS, "measured_with"]
+                   "miou_heldout_pool", "patch_shape_acc", "cpu_minutes", *HELDOUT_PARTS, "measured_with",
+                   "calibrated_readout"]
 BACKBONE_COLUMNS = ["recipe", "seed", "miou_seen", "miou_heldout", "miou_seen_pool", "miou_heldout_pool",
                     "patch_shape_acc", "prompt_patch_miou", "intra_inter_overlap", "cpu_minutes", *HELDOUT_PARTS,
                     "measured_with", "calibrated_readout"]
@@ -332,7 +333,10 @@ def _append_row(path: Path, columns: list[str], row: dict, key: tuple[str, ...])
     kept = []
     if path.is_file():
         with path.open() as f:
-            kept = [r for r in csv.DictReader(f) if tuple(r[k] for k in key) != tuple(str(row[k]) for k in key)]
+            reader = csv.DictReader(f)
+            kept = [r for r in reader if tuple(r[k] for k in key) != tuple(str(row[k]) for k in key)]
+            # a column the file has and this writer does not know (a newer harness added it) is kept, not dropped
+            columns = [*columns, *(c for c in reader.fieldnames or [] if c not in columns)]
     kept.append({k: (f"{v:.2f}" if isinstance(v, float) else v) for k, v in row.items()})
     order = list(dict.fromkeys([*RECIPES, *(r["recipe"] for r in kept)]))
     kept.sort(key=lambda r: (order.index(r["recipe"]), *(_sortable(r[k]) for k in key[1:])))
@@ -379,14 +383,15 @@ def summarize(path: Path) -> str:
     return "\n".join(lines)
 
 
-def yardstick(path: Path, oracle: str = "oracle") -> str:
+def yardstick(path: Path, oracle: str = "oracle", budget: int | None = None) -> str:
     """Markdown table: every recipe measured today (``measured_with`` = MEASURED), its seen and held-out-combination
     mIoU (means over seeds) and each as a share of the supervised oracle's, with its synonyms against their
     ceiling; the oracles' own rows first. Recipes whose rows predate the held-out parts are left out. Each seed is
     read out as its calibration would (``calibrated_readout``: pooled or re-encoded), and the table says how often
-    each was kept."""
+    each was kept. With ``budget`` (scaling.csv), only the rows of that budget, against the oracle at that budget."""
     with path.open() as f:
-        table = [calibrated_columns(r) for r in csv.DictReader(f)]
+        table = [calibrated_columns(r) for r in csv.DictReader(f)
+                 if budget is None or int(float(r["budget"])) == budget]
     mean = lambda rows, c: float(np.mean([float(r[c]) for r in rows if r.get(c) not in ("", None)]))  # noqa: E731
     ref = [r for r in table if r["recipe"] == oracle]
     if not ref:
@@ -485,6 +490,9 @@ def main(argv: list[str] | None = None) -> dict:
         if (args.results / "backbones.csv").is_file():
             tables["yardstick"] = yardstick(args.results / "backbones.csv")
             print(f"\nagainst the supervised oracle (backbones.csv)\n{tables['yardstick']}")
+        if (args.results / "scaling.csv").is_file():
+            tables["yardstick_x4"] = yardstick(args.results / "scaling.csv", budget=4 * BUDGET)
+            print(f"\nat 4x, against the oracle at 4x (scaling.csv, budget {4 * BUDGET})\n{tables['yardstick_x4']}")
         return tables
     if args.probe:
         from vilseg.models import ViLSeg

@@ -151,6 +151,33 @@ def test_the_yardstick_reads_each_seed_as_its_calibration_keeps_it(tmp_path):
     assert "calibrated_readout" in harness.summarize(path) and "reencode_global 1, pool 1" in harness.summarize(path)
 
 
+def test_the_yardstick_at_a_budget_reads_that_budget_against_its_own_oracle(tmp_path):
+    harness = _harness()
+    columns, append_row = harness.SCALING_COLUMNS, harness.append_row
+    path, key = tmp_path / "scaling.csv", ("recipe", "seed", "budget")
+    for budget, oracle_seen, seen in ((600, 50.0, 10.0), (2400, 80.0, 40.0)):
+        append_row(path, columns, {"recipe": "oracle", "seed": 0, "budget": budget, "miou_seen": oracle_seen,
+                                   "miou_heldout_combo": 40.0, "measured_with": harness.SUPERVISED}, key=key)
+        append_row(path, columns, {"recipe": "xm", "seed": 0, "budget": budget, "miou_seen": 1.0,
+                                   "miou_heldout_combo": 1.0, "miou_seen_pool": seen, "miou_heldout_combo_pool": 20.0,
+                                   "miou_synonym": 0.0, "miou_synonym_pool": 2.0, "synonym_ceiling": 50.0,
+                                   "measured_with": harness.MEASURED, "calibrated_readout": "pool"}, key=key)
+    line = next(x for x in harness.yardstick(path, budget=2400).splitlines() if x.startswith("| xm |"))
+    assert line == "| xm | 1 | 1/0 | 40.0 | 20.0 | 2.0 (50) | 50% | 50% | 50% |"  # 40 of the 4x oracle's 80
+    line = next(x for x in harness.yardstick(path, budget=600).splitlines() if x.startswith("| xm |"))
+    assert line.split(" | ")[3:7] == ["10.0", "20.0", "2.0 (50)", "20%"]
+
+
+def test_a_row_written_by_an_older_harness_keeps_the_newer_columns(tmp_path):
+    harness = _harness()
+    path, new_columns = tmp_path / "s.csv", ["recipe", "seed", "miou_seen", "calibrated_readout"]
+    harness.append_row(path, new_columns, {"recipe": "xm", "seed": 0, "miou_seen": 1.0, "calibrated_readout": "pool"})
+    harness.append_row(path, new_columns[:3], {"recipe": "xm", "seed": 1, "miou_seen": 2.0})  # the older writer
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["calibrated_readout"] for r in rows] == ["pool", ""] and [r["miou_seen"] for r in rows] == ["1.00", "2.00"]
+
+
 def test_stage_names_keep_two_methods_configs_of_one_file_name_apart():
     RECIPES, stage_name = _harness().RECIPES, _harness().stage_name
 
