@@ -101,6 +101,27 @@ def test_sliding_windows_match_the_formula_on_hand_checked_cases():
 
 
 # ------------------------------------------------------------------ prediction rules
+def test_calibration_scores_the_classes_its_split_holds_not_a_stray_pixel_of_an_absent_one():
+    # 3 classes; the split never shows class 2. The object (class 1, 4 pixels) scores 0.5 on two pixels and 0.3 on
+    # two; one background pixel scores 0.25 for class 2. Threshold 0.2 finds the whole object and names the stray
+    # pixel class 2; threshold 0.4 finds half the object and no stray pixel.
+    label = np.zeros((4, 4), np.uint8)
+    label[:2, :2] = 1
+    scores = torch.full((3, 4, 4), -1.0)
+    scores[1, 0, :2], scores[1, 1, :2] = 0.5, 0.3
+    scores[2, 3, 3] = 0.25
+    scored = [(scores, label)]
+    low, high = ev.score_thresholds(scored, 3, 0.2), ev.score_thresholds(scored, 3, 0.4)
+    assert low.miou() == pytest.approx((11 / 12 + 1 + 0) / 3)  # the absent class enters at IoU 0 for one pixel
+    assert high.miou() == pytest.approx((12 / 14 + 2 / 4) / 2)  # ... and not at all when never predicted
+    assert low.miou_present() == pytest.approx((11 / 12 + 1) / 2) and high.miou_present() == pytest.approx(high.miou())
+    best, sweep = ev.calibrate_threshold(scored, 3, grid=[0.2, 0.4])
+    assert best == 0.2 and sweep == pytest.approx({0.2: (11 / 12 + 1) / 2, 0.4: (12 / 14 + 2 / 4) / 2})
+    # on a split that holds every class, the two means agree
+    label[3, 3] = 2
+    assert ev.score_thresholds(scored, 3, 0.2).miou_present() == pytest.approx(ev.score_thresholds(scored, 3, 0.2).miou())
+
+
 def test_rule_b_softmax_over_names_aliases_max_prob_and_area_thresholds():
     # 3 classes (0 background with two names), 4 names; a 1 x 4 image
     owner = torch.tensor([0, 0, 1, 2])

@@ -2,8 +2,8 @@
 
 Every candidate read-out (:data:`CANDIDATES`, or those that ``grouping``/``naming``/``blocks`` leave open) scores the
 split once under protocol A's arg-max rule; a sweep of background thresholds is then applied to the stored scores
-(:func:`~vilseg.eval.runner.calibrate_threshold`), each candidate at its best threshold. The fastest candidate within
-:data:`TOLERANCE` mIoU points of the best wins (:func:`prefer_fastest`), and is saved beside the model as
+(:func:`~vilseg.eval.runner.calibrate_threshold`; mIoU over the classes the split holds), each candidate at its best
+threshold. The fastest candidate within :data:`TOLERANCE` mIoU points of the best wins (:func:`prefer_fastest`), and is saved beside the model as
 ``readout.json``, which ``Segmenter.from_pretrained``, ``vilseg segment``, ``web`` and ``eval`` then use. Each
 candidate scores against its naming's centring reference (:func:`~vilseg.inference.segmenter.default_reference`),
 which the chosen read-out records.
@@ -106,6 +106,7 @@ def calibrate(model, dataset: Dataset, grouping: str | None = None, naming: str 
     options = {"reference": default_reference(n)} | readout_options  # a reference given is the one every candidate used
     readout = ReadOut(g, n, threshold=threshold, **({"blocks": k} if k is not None else {}), **options, calibration={
         "dataset": dataset.name, "split": str(dataset.root), "images": len(dataset.items), "miou": miou,
-        "rule": f"fastest within {TOLERANCE} mIoU of the best", "center": center,
+        "rule": f"fastest within {TOLERANCE} mIoU of the best", "score": "mIoU over the classes present in the split",
+        "center": center,
         "candidates": {key: max(v.values()) for key, v in sweeps.items()}})
     return readout, sweeps

@@ -50,6 +50,14 @@ class IoUAccumulator:
         iou = self.iou()
         return float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan")
 
+    def miou_present(self) -> float:
+        """mIoU over the classes that occur in the ground truth. A class the labels never show would enter
+        :meth:`miou` at IoU 0 as soon as one pixel is predicted as it, a 1/C penalty whatever the pixel count; its
+        false positives already lower the IoU of the classes those pixels belong to. On a split that holds every
+        class the two are equal; calibration scores with this one (its split may lack classes of the vocabulary)."""
+        iou = self.iou()[self.label > 0]
+        return float(np.mean(iou)) if iou.size else float("nan")
+
 
 def markdown_table(per_class: dict[str, float], miou: float, title: str = "") -> str:
     """A Markdown table of per-class IoU (%) with the mIoU last."""

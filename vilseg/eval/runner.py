@@ -345,9 +345,12 @@ def score_thresholds(scored, n_classes: int, threshold: float) -> IoUAccumulator
 
 
 def calibrate_threshold(scored, n_classes: int, grid=None) -> tuple[float, dict[float, float]]:
-    """Background threshold that maximises mIoU on a labelled calibration split; returns (best, sweep)."""
+    """Background threshold that maximises mIoU on a labelled calibration split; returns (best, sweep). The mIoU is
+    over the classes the split's labels hold (:meth:`IoUAccumulator.miou_present`): a calibration split drawn where
+    some queried classes never occur (the demo's, of the training world) would otherwise reward a threshold or
+    read-out for never naming them at all."""
     grid = grid if grid is not None else np.round(np.arange(-0.2, 0.85, 0.05), 3)
-    sweep = {float(t): score_thresholds(scored, n_classes, float(t)).miou() for t in grid}
+    sweep = {float(t): score_thresholds(scored, n_classes, float(t)).miou_present() for t in grid}
     return max(sweep, key=sweep.get), sweep
 
 
