@@ -71,7 +71,9 @@ BUDGET = 600  # every recipe at --scale 1 costs what 600 ViL-Seg demo steps cost
 HELDOUT_PARTS = ["miou_heldout_combo", "miou_heldout_combo_pool", "miou_synonym", "miou_synonym_pool",
                  "synonym_ceiling"]  # held-out in its two parts (issue #30); empty in rows measured before them
 # how a row was measured: MEASURED today; rows of models that were not kept say what they lack (LEGACY)
-MEASURED = "reference-centred scores, each naming's own reference"  # vilseg.inference.segmenter.default_reference
+MEASURED = "reference-centred scores, each naming's own reference, calibrated on the classes present"
+# (vilseg.inference.segmenter.default_reference; eval.runner.calibrate_threshold. Rows measured before calibration
+# scored the classes present say "reference-centred scores, each naming's own reference")
 LEGACY = "list-centred scores, no held-out parts (before ce088a4; model not kept)"
 SUPERVISED = "supervised oracle (no text side)"
 # (rows measured before, with every naming centred on the captions' mean, say "the captions' reference for every
