@@ -9,7 +9,7 @@ the read-out's calibration chose), this prints:
 - seen mIoU on the calibration split, and on the evaluation images without / with a held-out object;
 - where the held-out objects' pixels go: their own class, another held-out class, a seen class, background.
 
-    python docs/diagnostics/calibration_blind_spot.py MODEL_DIR [--data data/demo] [--out FILE.json]
+    python docs/diagnostics/calibration_blind_spot.py MODEL_DIR [--data data/demo] [--out docs/results/calibration_blind_spot.json]
 """
 from __future__ import annotations
 
@@ -83,8 +83,9 @@ def main() -> None:
                                              (round(float(100 * w / max(where.sum(), 1)), 1) for w in where)))}
         result[f"{grouping}+{naming}"] = row
         print(json.dumps({"readout": f"{grouping}+{naming}", **row}), flush=True)
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=1))
+    if args.out:  # one entry per model: a file of several models keeps the others
+        kept = json.loads(args.out.read_text()) if args.out.is_file() else {}
+        args.out.write_text(json.dumps(kept | {str(args.model): result}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
