@@ -22,8 +22,7 @@ import numpy as np
 
 from vilseg import eval as ev
 from vilseg.eval.calibrate import calibrate
-from vilseg.eval.metrics import IoUAccumulator
-from vilseg.eval.runner import class_score_maps, threshold_predict
+from vilseg.eval.runner import class_score_maps, score_thresholds, threshold_predict
 from vilseg.inference import Segmenter
 from vilseg.models import ViLSeg
 
@@ -32,10 +31,7 @@ from recipes import grouping_of  # noqa: E402  the grouping benchmarks/recipes.p
 
 
 def seen_miou(scored, n: int, threshold: float, seen: list[int]) -> float:
-    acc = IoUAccumulator(n)
-    for scores, label in scored:
-        acc.update(threshold_predict(scores, threshold), label)
-    iou = acc.iou()[seen]
+    iou = score_thresholds(scored, n, threshold).iou()[seen]
     return float(100 * np.nanmean(iou)) if np.isfinite(iou).any() else float("nan")
 
 
