@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -118,14 +117,15 @@ def stage_steps(spec: str, scale: float) -> int:
 
 
 def train_stages(recipe: str, seed: int, pattern: str, root: Path, overrides: list[str],
-                 scale: float = 1.0) -> tuple[Path, float]:
-    """Trains every stage of ``recipe``; returns (the last export, training wall-clock minutes of all its stages).
+                 scale: float = 1.0) -> tuple[Path, float | None]:
+    """Trains every stage of ``recipe``; returns (the last export, training wall-clock minutes of all its stages, None
+    where a stage's is unknown).
 
     A stage's folder is named by the chain of configs that leads to it and the seed
     (``root/stages/<stage>+<stage>/seed<seed>``, :func:`stage_name`), so recipes that share a prefix share its
     training: ``mmc_only`` measures the very encoder that ``mmc`` continues from. A finished stage (its export and
-    ``minutes.json`` exist) is reused, not trained again; an unfinished one resumes from its latest checkpoint
-    (``minutes.json`` then estimates the stage's minutes from the last session's pace). At ``scale`` != 1 every stage
+    ``minutes.json`` exist) is reused, not trained again; an unfinished one resumes from its latest checkpoint, whose
+    training seconds over earlier sessions count in ``minutes.json``. At ``scale`` != 1 every stage
     takes ``scale`` times its steps (schedules stretched with it), and its folder name says so (``demo@x2``).
     """
     import fcntl
@@ -150,17 +150,25 @@ def train_stages(recipe: str, seed: int, pattern: str, root: Path, overrides: li
                 print(f"reusing {run_dir} (trained earlier)")
             else:
                 args.append("--resume")  # last: it takes an optional folder
-                start = time.time()
                 train_main(args)
-                minutes_run = (time.time() - start) / 60
                 summary = json.loads((run_dir / "train_summary.json").read_text())
-                if summary["steps_this_session"] < summary["steps"] and summary["seconds_per_step_after_warmup"]:
-                    # resumed: the earlier sessions' time is gone; estimate the whole stage at this session's pace
-                    minutes_run = summary["seconds_per_step_after_warmup"] * summary["steps"] / 60
-                done.write_text(json.dumps({"minutes": minutes_run}))
+                done.write_text(json.dumps({"minutes": stage_minutes(summary)}))
         previous = run_dir / "final"
-        minutes += json.loads(done.read_text())["minutes"]
+        spent = json.loads(done.read_text())["minutes"]
+        minutes = None if minutes is None or spent is None else minutes + spent
     return previous, minutes
+
+
+def stage_minutes(summary: dict) -> float | None:
+    """A stage's training minutes from its ``train_summary.json``: every session's, counted in the checkpoints; for a
+    run resumed from a checkpoint older than that count, the whole stage at this session's pace, or None (unknown)
+    where this session trained too few steps to have a pace."""
+    if summary.get("train_seconds_total") is not None:
+        return summary["train_seconds_total"] / 60
+    if summary["steps_this_session"] == summary["steps"]:
+        return summary["seconds"] / 60
+    pace = summary["seconds_per_step_after_warmup"]
+    return pace * summary["steps"] / 60 if pace else None
 
 
 def check_stage_config(run_dir: Path, config: str, overrides: list[str]) -> None:

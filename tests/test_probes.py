@@ -211,3 +211,18 @@ def test_a_stage_with_its_own_overrides_is_named_and_sized_by_them():
     assert harness.stage_name(spec) == "demo{train.mixed_precision=bf16,train.steps=50}"
     assert harness.stage_steps(spec, 2) == 100
     assert harness.stage_name(harness.RECIPES["scratch_bf16"][0]) != harness.stage_name(harness.RECIPES["scratch"][0])
+
+
+def test_stage_minutes_count_every_session_and_say_unknown_rather_than_guess():
+    stage_minutes = _harness().stage_minutes
+    one = {"steps": 600, "steps_this_session": 600, "seconds": 1200.0, "seconds_per_step_after_warmup": 1.9}
+    assert stage_minutes({**one, "train_seconds_total": 1200.0}) == 20.0
+    # resumed: the checkpoints' count holds the earlier sessions' time, which this session's seconds lack
+    resumed = {"steps": 600, "steps_this_session": 100, "seconds": 200.0, "seconds_per_step_after_warmup": 2.0}
+    assert stage_minutes({**resumed, "train_seconds_total": 1500.0}) == 25.0
+    # resumed from a checkpoint older than the count: the whole stage at this session's pace...
+    assert stage_minutes({**resumed, "train_seconds_total": None}) == 20.0
+    # ...and unknown, not the export's minute, where the run resumed at its last step
+    assert stage_minutes({"steps": 600, "steps_this_session": 0, "seconds": 0.0,
+                          "seconds_per_step_after_warmup": None, "train_seconds_total": None}) is None
+    assert stage_minutes({**one}) == 20.0  # a summary written before the count, one session

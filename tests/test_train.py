@@ -89,6 +89,26 @@ def test_interrupted_then_resumed_run_matches_uninterrupted(tmp_path, shards, co
             assert int(a["objectives.maskco.queue_len"]) == 64 and "objectives.maskco.queue_ptr" in a
 
 
+def test_resumed_run_reports_the_training_seconds_of_every_session(tmp_path, shards):
+    """The checkpoint carries the training seconds so far: the summary of a resumed run counts the earlier session's
+    time as well as its own, and says None (unknown) where it resumed a checkpoint written without that count."""
+    run = tmp_path / "r"
+    train.main(_args(run, shards, "train.steps=4", "train.stop_at=2", "train.checkpoint_every=100"))
+    first = json.loads((run / "train_summary.json").read_text())
+    saved = json.loads((run / "checkpoints/step_0000002/trainer_state.json").read_text())
+    assert first["train_seconds_total"] == pytest.approx(first["seconds"], abs=0.1)
+    assert saved["train_seconds"] == pytest.approx(first["seconds"], abs=0.1)
+    train.main(_args(run, shards, "train.steps=4", "train.checkpoint_every=100", "--resume"))
+    second = json.loads((run / "train_summary.json").read_text())
+    assert second["steps_this_session"] == 2
+    assert second["train_seconds_total"] == pytest.approx(saved["train_seconds"] + second["seconds"], abs=0.1)
+    # a checkpoint from before the count: the run's total is unknown, not this session's time alone
+    old = run / "checkpoints/step_0000004/trainer_state.json"
+    old.write_text(json.dumps({k: v for k, v in json.loads(old.read_text()).items() if k != "train_seconds"}))
+    train.main(_args(run, shards, "train.steps=5", "train.checkpoint_every=100", "--resume"))
+    assert json.loads((run / "train_summary.json").read_text())["train_seconds_total"] is None
+
+
 def test_misspelt_config_key_and_missing_shards_are_named(tmp_path, shards):
     with pytest.raises(KeyError, match="train.stesp"):
         train.main(_args(tmp_path / "r", shards, "train.stesp=3"))

@@ -396,6 +396,11 @@ def main(argv: list[str] | None = None) -> Path:
             next(batches)
     progress = tqdm(total=cfg.train.steps, initial=state.step, desc="train", disable=not accelerator.is_main_process)
     start, start_step, images_seen = time.time(), state.step, 0
+    earlier_seconds = state.train_seconds  # the sessions before this one (None: unknown)
+
+    def clock() -> None:  # the run's training seconds so far, kept in every checkpoint
+        if earlier_seconds is not None:
+            state.train_seconds = earlier_seconds + time.time() - start
     steady = (start_step + min(10, (cfg.train.steps - start_step) // 2), None)  # (step, time) after the warm-up
     while state.step < cfg.train.steps:
         batch = to_device(next(batches), accelerator.device)
@@ -423,6 +428,7 @@ def main(argv: list[str] | None = None) -> Path:
         if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
             log_step(accelerator, progress, state, terms, scheduler, inner, momentum, cfg.train.steps)
         if state.step % cfg.train.checkpoint_every == 0 and state.step < cfg.train.steps:
+            clock()
             save_checkpoint(accelerator, run_dir, state, scheduler, teacher, cfg.train.keep_checkpoints)
         if cfg.train.stop_at is not None and state.step >= cfg.train.stop_at:
             accelerator.print(f"train.stop_at={cfg.train.stop_at}: stopping; continue with --resume")
@@ -434,8 +440,10 @@ def main(argv: list[str] | None = None) -> Path:
     end = time.time()
     elapsed = end - start
     if state.saved_step != state.step:  # a stop on a checkpoint step has saved this step already
+        clock()
         save_checkpoint(accelerator, run_dir, state, scheduler, teacher, cfg.train.keep_checkpoints)
     summary = {"steps_this_session": state.step - start_step, "seconds": round(elapsed, 1),
+               "train_seconds_total": None if state.train_seconds is None else round(state.train_seconds, 1),
                "images_per_second_per_process": round(images_seen / max(elapsed, 1e-9), 2),
                "seconds_per_step_after_warmup": (round((end - steady[1]) / (state.step - steady[0]), 4)
                                                  if steady[1] is not None and state.step > steady[0] else None),

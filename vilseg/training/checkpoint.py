@@ -20,19 +20,25 @@ TMP_PREFIX = ".tmp-"
 
 
 class TrainState:
-    """Step counter and skipped-sample tally (saved as JSON beside accelerate's state; nothing is pickled)."""
+    """Step counter, skipped-sample tally and training seconds (saved as JSON beside accelerate's state; nothing is
+    pickled). ``train_seconds`` is the wall-clock time of the training loop up to ``step`` summed over every session
+    that trained this run, so a resumed run reports its whole cost; ``None`` where a checkpoint written before the
+    field existed was resumed (unknown)."""
 
     def __init__(self):
         self.step = 0
         self.skipped: Counter = Counter()
+        self.train_seconds: float | None = 0.0
         self.saved_step: int | None = None  # the step of the newest checkpoint this run wrote or resumed from
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "skipped": dict(self.skipped)}
+        return {"step": self.step, "skipped": dict(self.skipped), "train_seconds": self.train_seconds}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
         self.skipped = Counter(state["skipped"])
+        seconds = state.get("train_seconds")
+        self.train_seconds = None if seconds is None else float(seconds)
 
 
 def _fsync_tree(folder: Path) -> None:
