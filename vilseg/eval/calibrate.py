@@ -4,8 +4,8 @@ Every candidate read-out (:data:`CANDIDATES`, or those that ``grouping``/``namin
 split once under protocol A's arg-max rule; a sweep of background thresholds is then applied to the stored scores
 (:func:`~vilseg.eval.runner.calibrate_threshold`; mIoU over the classes the split holds), each candidate at its best
 threshold. The fastest candidate within :data:`TOLERANCE` mIoU points of the best wins (:func:`prefer_fastest`), and
-is saved beside the model as ``readout.json``, which ``Segmenter.from_pretrained``, ``vilseg segment``, ``web`` and ``eval`` then use. Each
-candidate scores against its naming's centring reference (:func:`~vilseg.inference.segmenter.default_reference`),
+is saved beside the model as ``readout.json``, which ``Segmenter.from_pretrained``, ``vilseg segment``, ``web`` and
+``eval`` then use. Each candidate scores against its naming's centring reference (:func:`~vilseg.inference.segmenter.default_reference`),
 which the chosen read-out records.
 
 The threshold decides background, so the split must have a background class (voc21, context60, coco_object,
