@@ -5,8 +5,8 @@ split once under protocol A's arg-max rule; a sweep of background thresholds is 
 (:func:`~vilseg.eval.runner.calibrate_threshold`; mIoU over the classes the split holds), each candidate at its best
 threshold. The fastest candidate within :data:`TOLERANCE` mIoU points of the best wins (:func:`prefer_fastest`), and
 is saved beside the model as ``readout.json``, which ``Segmenter.from_pretrained``, ``vilseg segment``, ``web`` and
-``eval`` then use. Each candidate scores against its naming's centring reference (:func:`~vilseg.inference.segmenter.default_reference`),
-which the chosen read-out records.
+``eval`` then use. Each candidate scores against its naming's centring reference
+(:func:`~vilseg.inference.segmenter.default_reference`), which the chosen read-out records.
 
 The threshold decides background, so the split must have a background class (voc21, context60, coco_object,
 synthetic); on a dataset without one there is nothing for it to decide.
